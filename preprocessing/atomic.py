@@ -1,0 +1,52 @@
+"""Atomic file writing: write to a temporary file in the target folder, then rename.
+
+A crash or an error never leaves a half-written file at the final path, and what was already there
+survives until the new content is complete. Used by every writer in ``preprocessing`` and ``salad_med``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it.
+
+    Args:
+        path: final destination; parent folders are created.
+        suffix: suffix of the temporary file (default: that of ``path``, so writers that pick a
+            format from the extension, such as PIL or pandas, keep working).
+
+    Example:
+        >>> with atomic_path("out/image.png") as tmp:
+        ...     Image.fromarray(arr).save(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix or path.suffix or ".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically and return the path."""
+    return atomic_write_bytes(path, text.encode(encoding))

@@ -1,0 +1,316 @@
+"""Typed, validated configuration loaded from YAML with ``section.key=value`` overrides.
+
+A config is a tree of dataclasses (:class:`Config`). Every field may carry validation metadata
+(``choices``, ``min``, ``max``) through :func:`_field`. Loading rejects unknown keys, wrong types and
+out-of-range values with a :class:`~salad_med.errors.ConfigError` naming the key and the file.
+
+Example:
+    >>> cfg = load_config("configs/demo.yaml", overrides=["train.lr=1e-3"])
+    >>> cfg.train.lr
+    0.001
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from preprocessing.atomic import atomic_write_text
+from salad_med.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "PreprocessConfig",
+    "SplitConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "ScoreConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "save_config",
+    "apply_overrides",
+    "CONFIG_DIR",
+]
+
+#: Directory of the shipped YAML configs (``configs/`` at the repository root).
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _field(default: Any, *, choices: tuple | None = None, min: float | None = None,
+           max: float | None = None, help: str = "") -> Any:
+    """A dataclass field with validation metadata (``choices``, inclusive ``min``/``max``)."""
+    meta = {"choices": choices, "min": min, "max": max, "help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how the trainer sees them."""
+
+    dataset: str = _field("mura", choices=("mura", "nih", "folder", "dicom"), help="pipeline / layout name")
+    image_size: int = _field(512, min=16, max=4096, help="network input side (pixels)")
+    cache_dir: str = _field("", help="uint8/uint16 memmap cache directory ('' = <run>/cache)")
+    num_workers: int = _field(0, min=0, max=64, help="DataLoader worker processes")
+    skip_missing: bool = _field(False, help="record and skip missing/unreadable manifest files")
+    augment: bool = _field(True, help="random augmented views for the sample-specific loss")
+
+
+@dataclass
+class PreprocessConfig:
+    """Reader and transform options of ``salad-med preprocess`` (one pipeline for all commands)."""
+
+    size: int = _field(512, min=16, max=4096, help="output side after resize-longest + pad")
+    bit_depth: int = _field(8, choices=(8, 16), help="bit depth of written PNGs")
+    workers: int = _field(1, min=1, max=256, help="parallel worker processes")
+    reader: str = _field("auto", choices=("auto", "pydicom", "sitk", "pil"), help="image reader")
+    apply_voi: bool = _field(True, help="apply VOI LUT / first window of DICOM files")
+    low_percentile: float = _field(1.0, min=0.0, max=50.0, help="intensity window low percentile")
+    high_percentile: float = _field(99.0, min=50.0, max=100.0, help="intensity window high percentile")
+    fix_polarity: bool = _field(True, help="invert PNG/JPEG whose background is bright")
+    detect_carrier: bool = _field(True, help="find and crop the X-ray carrier")
+    segment: bool = _field(True, help="hysteresis body-part segmentation")
+    apply_mask: bool = _field(False, help="multiply the output image by the body-part mask")
+
+
+@dataclass
+class SplitConfig:
+    """Patient x body-part split parameters (``salad-med split``)."""
+
+    anomalous_ratio: float = _field(0.05, min=0.0, max=0.9, help="abnormal fraction of train groups (AR)")
+    train_fraction: float = _field(0.5, min=0.01, max=0.99, help="fraction of all groups put in train")
+    group: str = _field("patient_bodypart", choices=("patient_bodypart", "patient"), help="grouping")
+
+
+@dataclass
+class ModelConfig:
+    """Network architecture (``salad_med.nets``)."""
+
+    arch: str = _field("resnet18", choices=("conv6", "resnet18"), help="conv6 (chest) or resnet18 (MURA)")
+    latent_dim: int = _field(200, min=2, max=4096, help="embedding size (paper: 200)")
+    base_channels: int = _field(32, min=4, max=512, help="channels of the first conv block")
+    stem_stride: int = _field(2, choices=(1, 2), help="ResNet stem stride")
+
+
+@dataclass
+class TrainConfig:
+    """SALAD trainer hyper-parameters (paper defaults; official-code deviations are switches)."""
+
+    method: str = _field("salad", choices=("salad", "dae", "memdae", "salad_no_rec", "salad_no_agg",
+                                            "deep_svdd"), help="SALAD or a Table 1 baseline/ablation")
+    batch_size: int = _field(16, min=1, max=4096)
+    lr: float = _field(1e-4, min=0.0, max=1.0)
+    beta1: float = _field(0.5, min=0.0, max=1.0)
+    beta2: float = _field(0.999, min=0.0, max=1.0)
+    weight_decay: float = _field(0.0, min=0.0, max=1.0)
+    pretrain_epochs: int = _field(50, min=0, max=10000, help="E0: epochs of L_rec + lambda L_ss")
+    rounds: int = _field(10, min=0, max=1000, help="R: progressive rounds adding L_agg")
+    epochs_per_round: int = _field(50, min=1, max=10000, help="E: epochs per round")
+    tau: float = _field(0.1, min=1e-4, max=10.0, help="softmax temperature")
+    lam: float = _field(0.25, min=0.0, max=100.0, help="lambda weighting L_ss + L_agg")
+    bank_momentum: float = _field(0.5, min=0.0, max=1.0, help="t in m <- norm((1-t) m + t z)")
+    k: int = _field(100, min=1, max=100000, help="neighbourhood size K of the last round")
+    rec_loss: str = _field("mse", choices=("mse", "l1"), help="mse (paper) or l1 (official code)")
+    schedule: str = _field("paper", choices=("paper", "official"), help="neighbourhood schedule")
+    official_neighbours: int = _field(10, min=1, max=1000, help="neighbours per anchor (official)")
+    augment_views: int = _field(1, min=0, max=16, help="augmented views per image for AUG_i")
+    device: str = _field("auto", help="auto, cpu, cuda, cuda:N")
+    amp: bool = _field(True, help="mixed precision on CUDA")
+    val_every: int = _field(1, min=1, max=10000, help="validate every N epochs")
+    max_steps_per_epoch: int = _field(0, min=0, help="0 = full epoch; >0 caps steps (CPU smoke runs)")
+
+
+@dataclass
+class ScoreConfig:
+    """Eq. 4 anomaly scoring."""
+
+    mode: str = _field("paper", choices=("paper", "official"), help="weighted (paper) or mean arccos/pi")
+    k: int = _field(100, min=1, max=100000, help="K nearest bank entries")
+    backend: str = _field("auto", choices=("auto", "torch", "faiss"), help="kNN backend")
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of one salad-med run."""
+
+    seed: int = _field(0, min=0, max=2**32 - 1, help="global seed")
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+
+def _where(source: str | None, key: str) -> str:
+    return f"{source}: {key}" if source else key
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(str(err))
+        msg = f"{_where(source, key)}: {value!r} matches none of {tp}"
+        raise ConfigError(msg)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            (item_tp,) = typing.get_args(tp) or (Any,)
+            return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)] \
+                if item_tp is not Any else list(value)
+    else:
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    msg = f"{_where(source, key)}: expected {name}, got {type(value).__name__} {value!r}"
+    raise ConfigError(msg)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str | None) -> Any:
+    if not isinstance(data, dict):
+        msg = f"{_where(source, prefix or '<root>')}: expected a mapping, got {type(data).__name__}"
+        raise ConfigError(msg)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        msg = f"{_where(source, key)}: unknown key (known: {', '.join(sorted(fields))})"
+        raise ConfigError(msg)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, f"{key}.", source)
+            continue
+        value = _coerce(value, tp, key, source)
+        meta = fields[name].metadata
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            msg = f"{_where(source, key)}: {value!r} is not one of {list(meta['choices'])}"
+            raise ConfigError(msg)
+        if meta.get("min") is not None and value < meta["min"]:
+            msg = f"{_where(source, key)}: {value!r} is below the minimum {meta['min']}"
+            raise ConfigError(msg)
+        if meta.get("max") is not None and value > meta["max"]:
+            msg = f"{_where(source, key)}: {value!r} is above the maximum {meta['max']}"
+            raise ConfigError(msg)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
+    """Validate a nested dict (missing keys take defaults) into a :class:`Config`.
+
+    Raises:
+        ConfigError: unknown key, wrong type or out-of-range value; the message names key and source.
+    """
+    return _build(Config, data or {}, "", source)
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            msg = f"{source}: {dotted}: {part!r} is not a section"
+            raise ConfigError(msg)
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a nested dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            msg = f"--set {item!r}: expected section.key=value"
+            raise ConfigError(msg)
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            msg = f"--set {item!r}: empty key"
+            raise ConfigError(msg)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            msg = f"--set {key}: cannot parse value {raw!r}: {err}"
+            raise ConfigError(msg) from None
+        _set_path(data, key, value, "--set")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (``None`` = built-in defaults), apply ``--set`` overrides and validate.
+
+    Args:
+        path: YAML file; a bare name such as ``"demo"`` resolves to ``configs/demo.yaml``.
+        overrides: ``["train.lr=1e-3", "model.arch=conv6"]``.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, unknown key, wrong type or out-of-range value.
+    """
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.exists() and not p.suffix and (CONFIG_DIR / f"{p}.yaml").exists():
+            p = CONFIG_DIR / f"{p}.yaml"
+        source = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as err:
+            msg = f"{source}: cannot read config ({err.strerror or err})"
+            raise ConfigError(msg) from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            msg = f"{source}: invalid YAML: {err}"
+            raise ConfigError(msg) from None
+        if not isinstance(data, dict):
+            msg = f"{source}: top level must be a mapping"
+            raise ConfigError(msg)
+    # validate the file alone first so that its errors name the file, then with overrides
+    config_from_dict(data, source)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        return config_from_dict(data, f"{source} (with --set)")
+    return config_from_dict(data, source)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the fully resolved config as YAML, atomically (temp file + rename)."""
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
