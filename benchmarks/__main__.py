@@ -18,7 +18,8 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         module = importlib.import_module(f"benchmarks.{name}")
         try:
-            module.main([])
+            if module.main([]) not in (0, None):
+                failed.append(name)
         except SystemExit as exc:  # a benchmark may sys.exit(code)
             if exc.code not in (0, None):
                 failed.append(name)

@@ -44,3 +44,64 @@ def msk_sample() -> Path:
 def cxr_sample() -> Path:
     """../shared/data/cxr_sample (723 NIH 64x64 PNGs + labels.csv)."""
     return _shared_subdir("cxr_sample")
+
+
+# ------------------------------------------------------------------ tiny training runs (trainer engineer)
+#: ``--set`` overrides of configs/demo.yaml for seconds-long CPU runs on 32x32 images.
+TINY_OVERRIDES = [
+    "data.dataset=nih", "data.image_size=32", "preprocess.size=32", "model.base_channels=4",
+    "model.latent_dim=16", "train.batch_size=8", "train.pretrain_epochs=1", "train.rounds=1",
+    "train.epochs_per_round=1", "train.k=4", "score.k=4", "train.lr=0.002",
+]
+
+
+def write_tiny_split(root: Path, n: int = 48, size: int = 32, seed: int = 0, preprocessed: bool = False) -> Path:
+    """Write ``n`` tiny radiograph-like PNGs (a bright blob; abnormal ones carry a bright square) and a
+    split manifest ``root/split.csv`` (half train with one known anomaly, a quarter val, a quarter test).
+
+    Args:
+        preprocessed: also fill ``output_path`` (the trainer then reads the PNGs without the pipeline).
+    """
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    rows = []
+    for i in range(n):
+        split = "train" if i < n // 2 else ("val" if i < 3 * n // 4 else "test")
+        label = int(i == 0) if split == "train" else i % 2
+        cx, cy = 0.5 + 0.08 * rng.standard_normal(2)
+        img = 0.75 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.06) + 0.05 * rng.random((size, size))
+        if label:
+            px, py = rng.uniform(0.35, 0.65, 2)
+            img += 0.6 * ((np.abs(xx - px) < 0.08) & (np.abs(yy - py) < 0.08))
+        path = root / f"img{i:03d}.png"
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
+        rows.append({"image_id": f"img{i:03d}", "source_path": str(path),
+                     "output_path": str(path) if preprocessed else "", "patient_id": f"p{i:03d}",
+                     "body_part": "XR_HAND" if i % 4 < 2 else "XR_WRIST", "study": "study1", "label": label,
+                     "split": split, "group_id": f"p{i:03d}", "known_anomaly": split == "train" and label == 1})
+    out = root / "split.csv"
+    pd.DataFrame(rows).to_csv(out, index=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_split(tmp_path_factory) -> Path:
+    """A 48-image split manifest of 32x32 PNGs (see :func:`write_tiny_split`)."""
+    return write_tiny_split(tmp_path_factory.mktemp("tiny_split"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_split, tmp_path_factory) -> Path:
+    """A SALAD run directory trained for 2 epochs on :func:`tiny_split` (best.pt, last.pt, config.yaml...)."""
+    from salad_med.config import load_config
+    from salad_med.trainer import train_from_manifest
+
+    run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
+    cfg = load_config("demo", TINY_OVERRIDES)
+    train_from_manifest(cfg, tiny_split, run_dir)
+    return run_dir
