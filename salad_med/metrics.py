@@ -1,0 +1,146 @@
+"""Detection metrics: ROC AUC, AUPRC and stratified bootstrap confidence intervals.
+
+Labels are 1 = abnormal (positive), 0 = normal; scores are higher = more abnormal. Rows with label
+-1 (unknown) are rejected: filter them before calling.
+
+Example:
+    >>> auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    0.75
+    >>> lo, hi = bootstrap_ci(y, s, "auc", n_boot=1000, seed=0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+__all__ = ["auc", "auprc", "bootstrap_ci", "METRICS"]
+
+
+def _check(y: Any, s: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validate labels (0/1, both present) and finite scores of equal length -> numpy arrays."""
+    y_arr = np.asarray(y).reshape(-1)
+    s_arr = np.asarray(s, dtype=np.float64).reshape(-1)
+    if y_arr.shape != s_arr.shape:
+        msg = f"labels ({y_arr.shape[0]}) and scores ({s_arr.shape[0]}) differ in length"
+        raise ValueError(msg)
+    bad = ~np.isin(y_arr, (0, 1))
+    if bad.any():
+        msg = f"labels must be 0 (normal) or 1 (abnormal); found {sorted(set(y_arr[bad].tolist()))[:5]}"
+        raise ValueError(msg)
+    y_arr = y_arr.astype(np.int64)
+    if not np.isfinite(s_arr).all():
+        msg = "scores contain NaN or infinity"
+        raise ValueError(msg)
+    if y_arr.min(initial=1) == y_arr.max(initial=0):
+        msg = "need both normal (0) and abnormal (1) labels to compute AUC/AUPRC"
+        raise ValueError(msg)
+    return y_arr, s_arr
+
+
+def auc(y: Any, s: Any) -> float:
+    """Area under the ROC curve (``sklearn.metrics.roc_auc_score``).
+
+    Args:
+        y: (M,) labels 0/1 (1 = abnormal).
+        s: (M,) scores, higher = more abnormal.
+
+    Raises:
+        ValueError: lengths differ, labels not 0/1, only one class, or non-finite scores.
+    """
+    y_arr, s_arr = _check(y, s)
+    return float(roc_auc_score(y_arr, s_arr))
+
+
+def auprc(y: Any, s: Any) -> float:
+    """Area under the precision-recall curve, abnormal = positive (average precision, sklearn).
+
+    Raises:
+        ValueError: as :func:`auc`.
+    """
+    y_arr, s_arr = _check(y, s)
+    return float(average_precision_score(y_arr, s_arr))
+
+
+METRICS: dict[str, Callable[[Any, Any], float]] = {"auc": auc, "auprc": auprc}
+
+
+def _rank_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney U statistic (ties count 1/2); equals ``roc_auc_score``, ~50x faster."""
+    ranks = rankdata(s)  # average ranks for ties
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _sorted_ap(y: np.ndarray, s: np.ndarray) -> float:
+    """Average precision with sklearn's step formula ``sum_n (R_n - R_n-1) P_n`` over distinct thresholds."""
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s_sorted)), y.size - 1]  # last index of each distinct score
+    tps = np.cumsum(y_sorted)[last]
+    precision = tps / (last + 1.0)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+# validated inputs -> fast exact equivalents used inside the bootstrap loop
+_FAST = {"auc": _rank_auc, "auprc": _sorted_ap}
+
+
+def bootstrap_ci(y: Any, s: Any, metric: str | Callable[[Any, Any], float] = "auc", n_boot: int = 1000,
+                 seed: int = 0, alpha: float = 0.05, *, n: int | None = None) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of a metric with stratified resampling.
+
+    Each replicate draws, with replacement, as many abnormal rows from the abnormal rows and as many
+    normal rows from the normal rows as the data holds (so every replicate has both classes);
+    replicates whose metric fails or is not finite are skipped. The interval is the
+    ``(alpha/2, 1 - alpha/2)`` percentiles of the replicate metrics.
+
+    Args:
+        y: (M,) labels 0/1.
+        s: (M,) scores, higher = more abnormal.
+        metric: ``"auc"``, ``"auprc"`` or a callable ``f(y, s) -> float``.
+        n_boot: number of replicates (``n`` is accepted as an alias).
+        seed: seed of the numpy generator (same seed -> same interval).
+        alpha: 1 - confidence level (0.05 -> 95 % CI).
+
+    Returns:
+        ``(lo, hi)`` floats.
+
+    Raises:
+        ValueError: bad inputs (see :func:`auc`), unknown metric name, ``n_boot < 1``, ``alpha``
+            outside (0, 1), or no valid replicate.
+    """
+    if n is not None:
+        n_boot = n
+    fn = METRICS.get(metric) if isinstance(metric, str) else metric
+    name = metric if isinstance(metric, str) else next((k for k, v in METRICS.items() if v is metric), None)
+    fn = _FAST.get(name, fn)
+    if fn is None:
+        msg = f"metric {metric!r} is not one of {sorted(METRICS)} or a callable"
+        raise ValueError(msg)
+    if n_boot < 1 or not 0.0 < alpha < 1.0:
+        msg = f"need n_boot >= 1 and 0 < alpha < 1, got n_boot={n_boot}, alpha={alpha}"
+        raise ValueError(msg)
+    y_arr, s_arr = _check(y, s)
+    pos, neg = np.flatnonzero(y_arr == 1), np.flatnonzero(y_arr == 0)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, pos.size, replace=True), rng.choice(neg, neg.size, replace=True)])
+        try:
+            v = float(fn(y_arr[idx], s_arr[idx]))
+        except ValueError:
+            continue
+        if np.isfinite(v):
+            values.append(v)
+    if not values:
+        msg = "bootstrap_ci: no valid bootstrap replicate"
+        raise ValueError(msg)
+    lo, hi = np.quantile(np.asarray(values), [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(lo), float(hi)
