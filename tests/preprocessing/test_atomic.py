@@ -25,6 +25,7 @@ def test_failure_keeps_previous_content_and_leaves_no_temp(tmp_path):
     with pytest.raises(RuntimeError), atomic_path(target) as tmp:
         assert tmp.suffix == ".csv" and tmp.parent == tmp_path
         tmp.write_text("half")
-        raise RuntimeError("crash")
+        msg = "crash"
+        raise RuntimeError(msg)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.csv"]
