@@ -1,0 +1,176 @@
+"""Preprocessing cost vs. the decode + write floor: ``python -m benchmarks preprocess``.
+
+Files: the full-resolution real radiographs of ``../shared/data`` (the 36 FracAtlas JPEGs of 2304x2880,
+2880x2304 or 1760x2140, and the 11 CR/DX DICOM files of ``dicom_sample``).
+
+1. **Ratio** (one thread, CPU time of this process so that other load on the machine does not skew it,
+   side by side in one process, interleaved over ``--repeats`` rounds, medians):
+   per image, *preprocessing* = the ``folder`` pipeline of :func:`preprocessing.pipelines.get_pipeline`
+   (read with the display transform, polarity, normalisation, carrier, segmentation, resize + pad to
+   512) + writing the output PNG and the mask PNG, as ``salad-med preprocess`` does; the *floor* =
+   decoding the file with the plain library (PIL ``Image.open`` + ``np.asarray``; pydicom ``dcmread`` +
+   ``pixel_array``) + writing one 512x512 PNG with the same writer. Reported: the median of the
+   per-image ratios (target <= 1.5), also per group.
+2. **Where the time goes**: median CPU ms of each pipeline step.
+3. **Throughput**: ``run_preprocess`` over the same files with 1 and 2 worker processes, images/s of
+   wall clock with the pool start included, and without it (measured apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+TARGET = 1.5
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _files(data: Path) -> list[tuple[str, Path]]:
+    labels = pd.read_csv(data / "msk_sample" / "labels.csv")
+    full = labels[labels["resolution"] == "original_full"]["path"]
+    files = [("FracAtlas JPEG", data / "msk_sample" / p) for p in sorted(full)]
+    files += [("CR/DX DICOM", p) for p in sorted((data / "dicom_sample").glob("*.dcm"))]
+    return files
+
+
+def _decode_floor(path: Path) -> np.ndarray:
+    """The least any tool must do with the file: decode its pixels with the plain library."""
+    from PIL import Image
+
+    from preprocessing.readers import sniff_format
+
+    if sniff_format(path) == "dicom":
+        import pydicom
+
+        return pydicom.dcmread(path).pixel_array
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def _ratio(files: list[tuple[str, Path]], repeats: int, size: int, out: Path, options: dict) -> pd.DataFrame:
+    from preprocessing.pipelines import get_pipeline
+    from salad_med.preprocess_job import to_png_array, write_png
+
+    pipe = get_pipeline("folder", size, **options)
+    outputs = {}
+    for _, path in files:  # warm-up, and the 512x512 arrays the floor writes
+        outputs[path] = to_png_array(pipe({"image": str(path)})["image"], 8)
+    times: dict[tuple[Path, str], list[float]] = {}
+    for _ in range(repeats):
+        for _, path in files:
+            t0 = time.process_time()
+            _decode_floor(path)
+            write_png(outputs[path], out / "floor.png")
+            t1 = time.process_time()
+            res = pipe({"image": str(path)})
+            write_png(to_png_array(res["image"], 8), out / "image.png")
+            write_png(to_png_array(res["mask"], 8), out / "mask.png")
+            t2 = time.process_time()
+            times.setdefault((path, "floor"), []).append(t1 - t0)
+            times.setdefault((path, "pre"), []).append(t2 - t1)
+    rows = []
+    for group, path in files:
+        floor, pre = np.median(times[(path, "floor")]), np.median(times[(path, "pre")])
+        rows.append({"group": group, "file": path.name, "floor_ms": 1e3 * floor, "pre_ms": 1e3 * pre,
+                     "ratio": pre / floor})
+    return pd.DataFrame(rows)
+
+
+def _steps(files: list[tuple[str, Path]], size: int, options: dict) -> pd.DataFrame:
+    """CPU ms of each pipeline step per image (one pass), to show where the time goes."""
+    from preprocessing.pipelines import get_pipeline
+
+    pipe = get_pipeline("folder", size, **options)
+    rows = []
+    for group, path in files:
+        data: object = {"image": str(path)}
+        for t in pipe.transforms:
+            start = time.process_time()
+            data = t(data)
+            rows.append({"group": group, "step": type(t).__name__, "ms": 1e3 * (time.process_time() - start)})
+    return pd.DataFrame(rows)
+
+
+def _pool_start(workers: int, size: int, options: dict) -> float:
+    """Seconds to start the worker pool of ``run_preprocess`` (imports + pipeline construction)."""
+    from salad_med.preprocess_job import _init_worker, _pool_context
+
+    start = time.perf_counter()
+    with _pool_context().Pool(workers, initializer=_init_worker, initargs=("folder", size, options, 8)) as pool:
+        pool.map(abs, range(workers))
+    return time.perf_counter() - start
+
+
+def _throughput(files: list[tuple[str, Path]], workers: int, size: int, out: Path, options: dict
+                ) -> tuple[float, int, float]:
+    from salad_med.config import Config
+    from salad_med.preprocess_job import run_preprocess
+
+    labels = out / "labels.csv"
+    pd.DataFrame({"path": [str(p) for _, p in files], "label": -1}).to_csv(labels, index=False)
+    cfg = Config()
+    cfg.preprocess.workers = workers
+    cfg.preprocess.size = size
+    for key, value in options.items():
+        setattr(cfg.preprocess, key, value)
+    start = time.perf_counter()
+    summary = run_preprocess("folder", out, out / f"w{workers}", cfg, labels=labels, force=True)
+    wall = time.perf_counter() - start
+    return summary.ok / wall, summary.ok, wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--per-image", action="store_true", help="print every image's times")
+    parser.add_argument("--without", nargs="*", default=[], choices=("carrier", "segment", "polarity"),
+                        help="diagnostics: leave pipeline steps out")
+    args = parser.parse_args(argv)
+    if not (args.data / "msk_sample").is_dir():
+        print(f"skipped: no sample data at {args.data}")
+        return 0
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    files = _files(args.data)
+    names = {"carrier": "detect_carrier", "segment": "segment", "polarity": "fix_polarity"}
+    options = {names[k]: False for k in args.without}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        df = _ratio(files, args.repeats, args.size, out, options)
+        steps = _steps(files, args.size, options)
+        start2 = _pool_start(2, args.size, options)
+        rates = {w: _throughput(files, w, args.size, out, options) for w in (1, 2)}
+    print(f"{len(files)} full-resolution files, output {args.size}x{args.size}, one thread, "
+          f"median of {args.repeats} interleaved rounds" + (f", WITHOUT {', '.join(args.without)}" if options else ""))
+    if args.per_image:
+        print(df.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    for group, g in df.groupby("group", sort=False):
+        print(f"  {group:15s} n={len(g):2d}  floor {g['floor_ms'].median():7.1f} ms  preprocessing "
+              f"{g['pre_ms'].median():7.1f} ms  median ratio {g['ratio'].median():5.2f}  "
+              f"(max {g['ratio'].max():5.2f})")
+    table = steps.pivot_table(index="step", columns="group", values="ms", aggfunc="median", sort=False)
+    print("  median CPU ms per pipeline step:")
+    print("    " + table.to_string(float_format=lambda v: f"{v:7.1f}").replace("\n", "\n    "))
+    for w, (rate, n, wall) in rates.items():
+        line = f"  throughput with {w} worker(s): {rate:5.2f} images/s ({n} images in {wall:.1f} s wall"
+        if w > 1:
+            line += f"; {n / max(wall - start2, 1e-9):5.2f} images/s without the {start2:.1f} s pool start"
+        print(line + ")")
+    ratio = float(df["ratio"].median())
+    print(f"preprocessing / (decode + write) = {ratio:.2f} median of per-image ratios (target <= {TARGET})")
+    ok = ratio <= TARGET
+    print("target met" if ok else "TARGET MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,330 @@
+"""Radiograph readers: DICOM display transform, SimpleITK parity, PNG/JPEG depth, bad inputs."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import LoadImage
+from PIL import Image
+
+from preprocessing.errors import ReadError
+from preprocessing.readers import (
+    LoadRadiographd,
+    RadiographDicomReader,
+    RadiographPILReader,
+    SITKRadiographReader,
+    get_reader,
+    read_radiograph,
+    sniff_format,
+)
+from salad_med.synthetic import PhantomSpec, make_phantom, write_dicom
+
+pydicom = pytest.importorskip("pydicom")
+
+LOSSY = {"RG3_J2KI.dcm", "RG2_JPLY_fixed.dcm"}
+
+
+# ------------------------------------------------------------------------------ bad-input factory
+def _phantom_dicom(path: Path, monochrome1: bool = True, bits: int = 12, seed: int = 3, **kw) -> tuple[Path, object]:
+    ph = make_phantom(PhantomSpec(height=96, width=80, bits_stored=bits, monochrome1=monochrome1, carrier=None,
+                                  markers=False), seed=seed)
+    return write_dicom(ph, path, **kw), ph
+
+
+def make_bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Write one file per bad-input kind of issue 3 item 4; ``kind -> (path, expected reason fragment)``."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    good, _ = _phantom_dicom(folder / "_template.dcm")
+    raw = good.read_bytes()
+    rng = np.random.default_rng(0)
+    arr = (rng.random((64, 64)) * 255).astype(np.uint8)
+    out: dict[str, tuple[Path, str]] = {}
+
+    def put(kind: str, name: str, expect: str) -> Path:
+        out[kind] = (folder / name, expect)
+        return folder / name
+
+    put("zero_byte", "zero.png", "empty file").write_bytes(b"")
+    for fmt, name in (("PNG", "trunc_png.png"), ("JPEG", "trunc_jpeg.jpg")):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, fmt)
+        put(f"truncated_{fmt.lower()}", name, f"truncated {fmt}").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    put("truncated_dicom", "trunc_dicom.dcm", "truncated").write_bytes(raw[: len(raw) * 2 // 3])
+    ds = pydicom.dcmread(good)
+    del ds.PixelData
+    ds.save_as(put("no_pixel_data", "nopix.dcm", "without Pixel Data"))
+    for kind, uid, expect in (("sr", "1.2.840.10008.5.1.4.1.1.88.11", "structured report"),
+                              ("pdf", "1.2.840.10008.5.1.4.1.1.104.1", "encapsulated document")):
+        ds = pydicom.dcmread(good)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(uid)
+        del ds.PixelData
+        if kind == "pdf":
+            ds.EncapsulatedDocument = b"%PDF-1.4 not really"
+            ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+        ds.save_as(put(kind, f"{kind}.dcm", expect))
+    ds = pydicom.dcmread(good)
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    ds.save_as(put("multi_frame", "multi.dcm", "multi-frame"))
+    ds = pydicom.dcmread(good)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = np.zeros((96, 80, 3), np.uint8).tobytes()
+    ds.save_as(put("rgb_dicom", "rgb.dcm", "colour DICOM"))
+    ds = pydicom.dcmread(good)
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")  # MPEG2: no decoder exists
+    ds.PixelData = encapsulate([b"\x00" * 64])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(put("no_decoder", "mpeg2.dcm", "MPEG2 Main Profile"), enforce_file_format=True)
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(put("one_pixel", "one.png", "1x1"))
+    put("text_as_png", "text.png", "contains text").write_text("this is a text file, not a PNG\n")
+    put("missing", "missing.png", "file not found").symlink_to(folder / "nowhere.png")
+    good.unlink()
+    return out
+
+
+BAD_KINDS = ["zero_byte", "truncated_png", "truncated_jpeg", "truncated_dicom", "no_pixel_data", "sr", "pdf",
+             "multi_frame", "rgb_dicom", "no_decoder", "one_pixel", "text_as_png", "missing"]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    return make_bad_inputs(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_input_raises_clear_read_error(bad_inputs, kind):
+    path, expect = bad_inputs[kind]
+    with pytest.raises(ReadError) as info:
+        read_radiograph(path)
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert expect.lower() in err.reason.lower(), err.reason
+    assert str(path) in str(err) and str(path) not in err.reason
+
+
+# ------------------------------------------------------------------------------ real DICOM files
+@pytest.fixture(scope="module")
+def dicom_index(dicom_sample) -> pd.DataFrame:
+    return pd.read_csv(dicom_sample / "index.csv", dtype=str, keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
+def pydicom_reads(dicom_sample, dicom_index) -> dict[str, tuple[np.ndarray, dict]]:
+    return {name: read_radiograph(dicom_sample / name, reader="pydicom") for name in dicom_index["file"]}
+
+
+def test_every_real_dicom_readable_with_metadata(pydicom_reads, dicom_index):
+    assert len(pydicom_reads) == 11
+    for row in dicom_index.itertuples():
+        arr, meta = pydicom_reads[row.file]
+        assert arr.shape == (int(row.rows), int(row.columns)) and arr.dtype == np.float32
+        assert np.isfinite(arr).all() and arr.max() > arr.min(), row.file
+        assert meta["photometric_interpretation"] == row.photometric
+        assert meta["monochrome1_inverted"] == (row.photometric == "MONOCHROME1")
+        assert meta["bits_stored"] == int(row.bits_stored)
+        assert meta["modality"] == row.modality and meta["sop_instance_uid"]
+        assert meta["body_part_examined"] == row.body_part
+        if row.pixel_spacing:
+            expected = [float(v) for v in row.pixel_spacing.strip("[]").split(",")]
+            np.testing.assert_allclose(meta["pixel_spacing"], expected)
+        assert not any("patient_name" in k.lower() or "patientname" in k.lower() for k in meta)
+
+
+def test_patient_name_never_in_metadata(dicom_sample, pydicom_reads):
+    ds = pydicom.dcmread(dicom_sample / "RG3_UNCR.dcm", stop_before_pixels=True)
+    name = str(ds.PatientName)
+    assert name
+    for _, meta in pydicom_reads.values():
+        assert all(name not in str(v) for v in meta.values())
+
+
+def test_lossless_twins_identical(pydicom_reads):
+    np.testing.assert_array_equal(pydicom_reads["RG3_UNCR.dcm"][0], pydicom_reads["RG3_J2KR.dcm"][0])
+    np.testing.assert_array_equal(pydicom_reads["RG2_JPLL.dcm"][0], pydicom_reads["RG2_JLSL.dcm"][0])
+    # the lossy versions of the same images stay close (mean error < 1 % of the display range)
+    lossy = np.abs(pydicom_reads["RG3_J2KI.dcm"][0] - pydicom_reads["RG3_UNCR.dcm"][0]).mean()
+    assert lossy < 0.01 * 1023
+
+
+def test_voi_window_applied_as_pydicom(dicom_sample, pydicom_reads):
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    for name in ("RG2_JPLL.dcm", "pydicom_dicomdirtests_CR1_6154.dcm", "vlut_04.dcm", "RG3_UNCR.dcm"):
+        ds = pydicom.dcmread(dicom_sample / name)
+        ref = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
+        arr, meta = pydicom_reads[name]
+        lo, hi = meta["display_range"]
+        if meta["monochrome1_inverted"]:
+            ref = lo + hi - ref
+        np.testing.assert_allclose(arr, ref, rtol=1e-5, atol=1e-3 * (hi - lo))
+    assert pydicom_reads["vlut_04.dcm"][1]["voi"] == "voi_lut"
+    assert pydicom_reads["RG2_JPLL.dcm"][1]["voi"] == "window"
+    # apply_voi=False keeps the Modality-LUT values (rescaled, then MONOCHROME1-inverted)
+    name = "pydicom_dicomdirtests_CR1_6154.dcm"
+    ds = pydicom.dcmread(dicom_sample / name)
+    raw, meta = read_radiograph(dicom_sample / name, apply_voi=False)
+    lo, hi = meta["display_range"]
+    assert meta["voi"] == "none" and (lo, hi) == pytest.approx((200.0, 200.0 + 0.684 * 4095))
+    np.testing.assert_allclose(raw, lo + hi - (ds.pixel_array * 0.684 + 200.0), rtol=1e-5)
+    assert np.abs(raw - pydicom_reads[name][0]).max() > 0.5  # window 1600/2800 is close to identity here
+
+
+def test_window_saturating_everything_is_ignored(pydicom_reads):
+    arr, meta = pydicom_reads["JPEG2KLossless_1s_1f_u_16_16.dcm"]
+    assert meta["voi"].startswith("none") and "saturates" in meta["voi"]
+    assert np.unique(arr[::16, ::16]).size > 100
+
+
+def test_monochrome1_real_file_inverted(dicom_sample, pydicom_reads):
+    ds = pydicom.dcmread(dicom_sample / "RG3_UNCR.dcm")
+    raw = ds.pixel_array.astype(np.float64)[::8, ::8]
+    arr = pydicom_reads["RG3_UNCR.dcm"][0][::8, ::8]
+    assert np.corrcoef(raw.ravel(), arr.ravel())[0, 1] < -0.9
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_monochrome1_phantom_bone_bright(tmp_path, bits):
+    m1, ph = _phantom_dicom(tmp_path / "m1.dcm", monochrome1=True, bits=bits, rescale=(0.5, 100.0))
+    m2, ph2 = _phantom_dicom(tmp_path / "m2.dcm", monochrome1=False, bits=bits, rescale=(0.5, 100.0))
+    a1, meta = read_radiograph(m1)
+    a2, _ = read_radiograph(m2)
+    assert meta["monochrome1_inverted"] and not ph2.inverted
+    background = ~ph.body_mask
+    assert a1[ph.bone_mask].mean() > a1[ph.body_mask & ~ph.bone_mask].mean() > a1[background].mean()
+    # the MONOCHROME1 file and its MONOCHROME2 twin (same drawing) read alike
+    assert np.corrcoef(a1.ravel(), a2.ravel())[0, 1] > 0.99
+
+
+def test_sitk_reader_agrees_with_pydicom(dicom_sample, pydicom_reads):
+    pytest.importorskip("SimpleITK")
+    undecodable = []
+    for name, (ref, meta) in pydicom_reads.items():
+        try:
+            arr, sitk_meta = read_radiograph(dicom_sample / name, reader="sitk")
+        except ReadError as err:
+            assert "SimpleITK" in err.reason
+            undecodable.append(name)
+            continue
+        lo, hi = meta["display_range"]
+        assert sitk_meta["voi"] == meta["voi"] and sitk_meta["reader"] == "sitk"
+        if name in LOSSY:  # the two decoders may round a lossy codestream differently
+            assert np.abs(arr - ref).max() <= 1.0 + 1e-6 and np.abs(arr - ref).mean() < 1e-3 * (hi - lo)
+        else:
+            np.testing.assert_allclose(arr, ref, atol=1e-3 * (hi - lo) / 1000 + 1e-3)
+    assert not undecodable, f"SimpleITK cannot decode: {undecodable}"
+
+
+# ------------------------------------------------------------------------------ PNG / JPEG
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_keeps_bit_depth_round_trip(tmp_path, dtype):
+    from salad_med.preprocess_job import write_png
+
+    top = np.iinfo(dtype).max
+    arr = (np.random.default_rng(1).random((40, 30)) * top).astype(dtype)
+    write_png(arr, tmp_path / "a.png")
+    record = RadiographPILReader().read(tmp_path / "a.png")
+    out, meta = RadiographPILReader().get_data(record)
+    assert out.dtype == dtype and meta["bits_stored"] == (8 if dtype == np.uint8 else 16)
+    np.testing.assert_array_equal(out, arr)
+    assert meta["source_format"] == "png" and (meta["orig_height"], meta["orig_width"]) == (40, 30)
+
+
+def test_rgb_with_equal_channels_becomes_one_channel(tmp_path):
+    gray = (np.random.default_rng(2).random((32, 24)) * 255).astype(np.uint8)
+    Image.fromarray(np.stack([gray] * 3, -1)).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 255)]), "RGBA").save(tmp_path / "rgba.png")
+    for name in ("rgb.png", "rgba.png"):
+        arr, _ = read_radiograph(tmp_path / name)
+        np.testing.assert_array_equal(arr, gray.astype(np.float32))
+    colour = np.stack([gray, 255 - gray, gray], -1)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    with pytest.raises(ReadError, match="channels differ"):
+        read_radiograph(tmp_path / "colour.png")
+
+
+def test_real_rgb_jpeg_fracatlas(msk_sample):
+    labels = pd.read_csv(msk_sample / "labels.csv")
+    row = labels[(labels["mode"] == "RGB") & (labels["resolution"] == "small_373x454")].iloc[0]
+    arr, meta = read_radiograph(msk_sample / row["path"])
+    assert arr.shape == (int(row["height"]), int(row["width"])) and meta["bits_stored"] == 8
+    assert meta["source_format"] == "jpeg" and meta["pil_mode"] == "RGB"
+
+
+def test_format_detected_by_content_not_extension(tmp_path, dicom_sample):
+    dcm_as_png = tmp_path / "really_dicom.png"
+    dcm_as_png.write_bytes((dicom_sample / "pydicom_dicomdirtests_CR1_6154.dcm").read_bytes())
+    png_as_dcm = tmp_path / "really_png.dcm"
+    Image.fromarray(np.full((16, 16), 7, np.uint8)).save(png_as_dcm, format="PNG")
+    assert sniff_format(dcm_as_png) == "dicom" and sniff_format(png_as_dcm) == "png"
+    assert read_radiograph(dcm_as_png)[1]["source_format"] == "dicom"
+    assert read_radiograph(png_as_dcm)[1]["source_format"] == "png"
+    with pytest.raises(ReadError, match="DICOM reader"):
+        read_radiograph(dcm_as_png, reader="pil")
+    with pytest.raises(ReadError, match="not a DICOM file"):
+        read_radiograph(png_as_dcm, reader="pydicom")
+
+
+# ------------------------------------------------------------------------------ MONAI integration
+@pytest.mark.filterwarnings("ignore::UserWarning")  # MONAI registers its own readers (nvImageCodec notice)
+def test_usable_as_monai_load_image(dicom_sample):
+    path = dicom_sample / "pydicom_dicomdirtests_CR1_6154.dcm"
+    img = LoadImage(reader=RadiographDicomReader(), image_only=True)(path)
+    assert isinstance(img, MetaTensor) and img.shape == (16, 16)
+    assert img.meta["modality"] == "CR" and img.meta["filename_or_obj"] == str(path)
+    ref, _ = read_radiograph(path)
+    np.testing.assert_allclose(img.numpy(), ref)
+    d = LoadRadiographd(keys="image", reader="sitk")({"image": path, "label": 1})
+    assert d["image"].shape == (1, 16, 16) and d["label"] == 1 and d["image"].dtype == torch.float32
+
+
+def test_loader_does_not_fall_back_to_other_readers(bad_inputs):
+    # MONAI's PILReader would happily read a 1x1 PNG; our loader must refuse it
+    with pytest.raises(ReadError, match="1x1"):
+        LoadRadiographd(keys="image")({"image": bad_inputs["one_pixel"][0]})
+
+
+def test_reader_selection_by_name():
+    assert isinstance(get_reader("sitk"), SITKRadiographReader)
+    assert isinstance(get_reader("pydicom", apply_voi=False), RadiographDicomReader)
+    assert not get_reader("pydicom", apply_voi=False).apply_voi
+    with pytest.raises(ValueError, match="auto"):
+        get_reader("gdcm")
+
+
+@pytest.mark.parametrize(("fmt", "dtype"), [("JPEG", np.uint8), ("PNG", np.uint8), ("PNG", np.uint16)])
+def test_reduce_to_reads_a_box_reduced_image(tmp_path, fmt, dtype):
+    yy, xx = np.mgrid[0:403, 0:322]
+    smooth = (np.sin(yy / 40.0) * np.cos(xx / 55.0) + 1) / 2 * np.iinfo(dtype).max * 0.9
+    arr = smooth.astype(dtype)
+    path = tmp_path / f"a.{fmt.lower()}"
+    Image.fromarray(arr).save(path, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    full, _ = read_radiograph(path)
+    reader = RadiographPILReader(reduce_to=100)  # factor 403 // 100 = 4: JPEG decoded at 1/4 in the DCT domain
+    small, meta = reader.get_data(reader.read(path))
+    assert small.shape == (101, 81) and small.dtype == dtype
+    assert meta["decode_factor"] == 4 and (meta["orig_height"], meta["orig_width"]) == (403, 322)
+    blocks = np.pad(full, ((0, 1), (0, 2)), mode="edge").reshape(101, 4, 81, 4).mean(axis=(1, 3))
+    tol = (2.5 if fmt == "JPEG" else 1.0) * np.iinfo(dtype).max / 255
+    assert np.abs(small[:-1, :-1].astype(np.float64) - blocks[:-1, :-1]).mean() < tol
+
+
+def test_reduced_read_is_traced_back_to_the_file_grid(tmp_path):
+    from preprocessing.geometry import BoxDownsampled
+
+    Image.fromarray(np.full((400, 300), 90, np.uint8)).save(tmp_path / "a.jpg")
+    d = LoadRadiographd(keys="image", reduce_to=100)({"image": tmp_path / "a.jpg"})
+    assert d["image"].shape == (1, 100, 75)
+    t = BoxDownsampled(keys="image", min_size=100)
+    out = t(d)
+    assert out["image"].shape == (1, 100, 75) and out["image"].applied_operations[-1]["extra_info"]["factor"] == 4
+    assert t.inverse(out)["image"].shape == (1, 400, 300)
