@@ -1,0 +1,868 @@
+"""X-ray carrier (collimated field / film carrier) detection and cropping.
+
+A radiograph often shows the edge of what was imaged: a film or cassette photographed on a light box
+(MURA), a collimated field with unexposed (bright) shutters, or a detector field border. MURA-style
+preprocessing crops to that carrier. The lab's method (blur, threshold sweep, polygon approximation,
+convex quadrilaterals with max ``|cos(corner)| < 0.45``) "finds" carriers in most radiographs that
+have none, and its crops cut anatomy away. This detector instead demands *evidence* for every side
+and prefers "no carrier" when unsure:
+
+1. Work on a box-downsampled copy (long side ``<= work_size``, default 256), Gaussian-smoothed.
+2. Candidate straight lines: Canny edges + Hough transform (``num_peaks`` strongest local maxima),
+   restricted to lines within ``max_rotation`` degrees of the image axes (carriers are
+   near-rectangular, rotated a little).
+3. Each candidate is refined to sub-pixel accuracy (the half-way crossing of across-line profiles,
+   robust line fit) and tested as a carrier *side* with its exterior on one side of the line:
+
+   * **straight step edge**: the step lies within ``edge_tolerance`` px of the line on
+     ``>= min_coverage`` of its evidenced segment (samples where a marker lies on the border do not
+     count), and its spread about the line is ``<= max_residual`` px (or twice the position noise):
+     skin and bone outlines curve smoothly, carrier borders are ruled;
+   * **uniform exterior**: around a gentle plane trend, ``>= min_homogeneity`` of the exterior
+     half-plane is within a noise-scaled tolerance; compact burned-in markers (L/R letters, text
+     boxes) are tolerated, anything else is clutter. The border's own penumbra is compared depth by
+     depth (a soft collimator edge varies across, not along, the border);
+   * **clear contrast**: exterior and interior differ by ``>= min_contrast`` and by two tolerances;
+   * **never cut anatomy**: no non-marker structure beyond the border touches it, and no bone-like
+     (bright and textured) structure lies beyond it. An exterior thinner than 2 % of the image is
+     not worth a cut and is ignored.
+
+4. Accepted sides must share one rotation (sides parallel or perpendicular within
+   ``angle_tolerance``); per slot (left/right/top/bottom) the outermost is kept. Every side must be
+   *closed*: each end of its evidenced segment reaches the frame or a corner with a perpendicular
+   border (a straight step, even one whose exterior failed a test). Where the evidence stops in mid
+   image the line was a limb's or a bone's outline, not a carrier. Missing sides (carrier partly out
+   of frame, or a field bounded by the image border) are placed just outside the image. The carrier
+   must keep ``>= min_area`` of the image.
+
+Cropping (:class:`CropToCarrier`) uses the axis-aligned bounding box of the carrier polygon clipped
+to the image (no resampling, exactly invertible by padding back); for a rotated carrier the box keeps
+small exterior corner triangles, whose polygon (in crop coordinates) is stored in the metadata so that
+:mod:`preprocessing.segmentation` can ignore them.
+
+Example:
+    >>> res = detect_carrier(img)          # img (H, W) float in [0, 1], bone bright
+    >>> res.found, res.polygon, res.box    # (4, 2) (x, y) corners, (y0, y1, x0, x1)
+    >>> crop = CropToCarrier()(img[None])  # (1, h, w) MetaTensor, crop.meta["carrier_found"]
+
+See Also:
+    :mod:`preprocessing.segmentation` (body-part mask), :mod:`preprocessing.pipelines`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import Crop, InvertibleTransform, MapTransform
+from monai.utils import convert_data_type
+from scipy import ndimage as ndi
+from skimage.feature import canny
+from skimage.filters import threshold_yen
+from skimage.transform import hough_line
+
+__all__ = [
+    "CarrierSide",
+    "CarrierResult",
+    "detect_carrier",
+    "work_copy",
+    "polygon_mask",
+    "CropToCarrier",
+    "CropToCarrierd",
+    "CropToCarrierD",
+    "CropToCarrierDict",
+]
+
+_SLOTS = ("left", "right", "top", "bottom")
+_OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
+
+# ------------------------------------------------------------------------------------ helpers
+def work_copy(image: np.ndarray, work_size: int) -> tuple[np.ndarray, float, float]:
+    """Box-downsample ``image (H, W)`` so that its long side is ``<= work_size`` (cheaply).
+
+    An integer factor ``f = step * block`` is used: every ``step``-th row/column is read and
+    ``block x block`` groups of those are averaged (``block`` ~ 3), so a 2880x2304 image costs a few ms.
+    Edge blocks are padded by replication.
+
+    Args:
+        image: (H, W) float array.
+        work_size: maximal long side of the copy.
+
+    Returns:
+        ``(small (h, w) float32, factor, offset)``: pixel centre ``i`` of the copy lies at
+        ``factor * i + offset`` in the input (same for rows and columns).
+    """
+    img = np.asarray(image, dtype=np.float32)
+    h, w = img.shape
+    f = max(1, math.ceil(max(h, w) / max(int(work_size), 8)))
+    if f == 1:
+        return img, 1.0, 0.0
+    step = max(1, f // 3)
+    block = math.ceil(f / step)
+    sub = img[::step, ::step]
+    hs, ws = math.ceil(sub.shape[0] / block) * block, math.ceil(sub.shape[1] / block) * block
+    if (hs, ws) != sub.shape:
+        sub = np.pad(sub, ((0, hs - sub.shape[0]), (0, ws - sub.shape[1])), mode="edge")
+    small = sub.reshape(hs // block, block, ws // block, block).mean(axis=(1, 3), dtype=np.float32)
+    factor = float(step * block)
+    return small, factor, step * (block - 1) / 2.0
+
+
+def polygon_mask(shape: Sequence[int], polygon: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixel centres inside the convex ``polygon`` ((N, 2) ``(x, y)``, any orientation)."""
+    h, w = int(shape[0]), int(shape[1])
+    poly = np.asarray(polygon, dtype=np.float64)
+    x0, x1 = max(math.floor(poly[:, 0].min()), 0), min(math.ceil(poly[:, 0].max()) + 1, w)
+    y0, y1 = max(math.floor(poly[:, 1].min()), 0), min(math.ceil(poly[:, 1].max()) + 1, h)
+    mask = np.zeros((h, w), dtype=bool)
+    if x0 >= x1 or y0 >= y1:
+        return mask
+    xx = np.arange(x0, x1, dtype=np.float64)[None, :]
+    yy = np.arange(y0, y1, dtype=np.float64)[:, None]
+    area2 = float(np.sum(poly[:, 0] * np.roll(poly[:, 1], -1) - np.roll(poly[:, 0], -1) * poly[:, 1]))
+    orient = 1.0 if area2 >= 0 else -1.0
+    inside = np.ones((y1 - y0, x1 - x0), dtype=bool)
+    for (ax, ay), (bx, by) in zip(poly, np.roll(poly, -1, axis=0), strict=True):
+        inside &= orient * ((bx - ax) * (yy - ay) - (by - ay) * (xx - ax)) >= -1e-9
+    mask[y0:y1, x0:x1] = inside
+    return mask
+
+
+def _clip_polygon(poly: np.ndarray, w: float, h: float) -> np.ndarray:
+    """Sutherland-Hodgman clip of a convex polygon ``(N, 2) (x, y)`` to ``[0, w] x [0, h]``."""
+    pts = [tuple(p) for p in np.asarray(poly, dtype=np.float64)]
+    for axis, bound, keep_less in ((0, 0.0, False), (0, w, True), (1, 0.0, False), (1, h, True)):
+        out: list[tuple[float, float]] = []
+        for i, cur in enumerate(pts):
+            prev = pts[i - 1]
+            cin = cur[axis] <= bound if keep_less else cur[axis] >= bound
+            pin = prev[axis] <= bound if keep_less else prev[axis] >= bound
+            if cin != pin:
+                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
+                out.append((prev[0] + t * (cur[0] - prev[0]), prev[1] + t * (cur[1] - prev[1])))
+            if cin:
+                out.append(cur)
+        pts = out
+        if not pts:
+            break
+    return np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+
+
+# ------------------------------------------------------------------------------------ results
+@dataclass(eq=False)
+class CarrierSide:
+    """Evidence for one accepted carrier side (input pixels; intensities in [0, 1]).
+
+    Attributes:
+        slot: ``"left"``, ``"right"``, ``"top"`` or ``"bottom"``.
+        normal: (2,) unit normal ``(x, y)`` pointing to the exterior.
+        offset: line ``normal . (x, y) = offset`` in *input* pixel coordinates.
+        angle: tilt of the side from the image axis (degrees).
+        contrast: median exterior minus interior intensity across the border (signed).
+        coverage: fraction of the visible side showing the straight step edge.
+        homogeneity: fraction of the exterior half-plane within tolerance of its median.
+        exterior_level: median exterior intensity.
+        length: visible length as a fraction of the image side it runs along.
+        ends: (2, 2) end points ``(x, y)`` of the evidenced border segment.
+        straightness: robust spread (1.4826 x median absolute distance, working px) of the step
+            about the fitted line.
+        sharpness: steepest 1-px rise of the step over its height (~0.35 for a sharp edge).
+    """
+
+    slot: str
+    normal: np.ndarray
+    offset: float
+    angle: float
+    contrast: float
+    coverage: float
+    homogeneity: float
+    exterior_level: float
+    length: float
+    ends: np.ndarray = field(default_factory=lambda: np.zeros((2, 2)), repr=False)
+    straightness: float = 0.0
+    sharpness: float = 0.0
+
+    @property
+    def score(self) -> float:
+        """Evidence strength: coverage x |contrast| x visible length."""
+        return float(self.coverage * abs(self.contrast) * self.length)
+
+
+@dataclass
+class CarrierResult:
+    """Outcome of :func:`detect_carrier` (all coordinates in input pixels, ``(x, y)`` = (column, row)).
+
+    Attributes:
+        found: a carrier with at least one evidenced side.
+        polygon: (4, 2) float corners ``(x, y)`` of the carrier rectangle (sides not seen are placed
+            just outside the image, so corners may lie outside it); ``None`` when not found.
+        box: ``(y0, y1, x0, x1)`` half-open crop box of the polygon clipped to the image (the whole
+            image when not found).
+        shape: ``(H, W)`` of the input.
+        score: summed evidence of the accepted sides (0 when not found).
+        sides: the accepted :class:`CarrierSide` s.
+        reason: one line saying why a carrier was (not) reported.
+    """
+
+    found: bool
+    polygon: np.ndarray | None
+    box: tuple[int, int, int, int]
+    shape: tuple[int, int]
+    score: float = 0.0
+    sides: list[CarrierSide] = field(default_factory=list)
+    reason: str = ""
+
+    @functools.cached_property
+    def mask(self) -> np.ndarray:
+        """(H, W) bool: the carrier polygon clipped to the image (all True when not found)."""
+        if not self.found or self.polygon is None:
+            return np.ones(self.shape, dtype=bool)
+        return polygon_mask(self.shape, self.polygon)
+
+    @property
+    def crop_fraction(self) -> float:
+        """Area of the crop box over the image area."""
+        y0, y1, x0, x1 = self.box
+        return (y1 - y0) * (x1 - x0) / float(self.shape[0] * self.shape[1])
+
+
+# ------------------------------------------------------------------------------------ detection
+@dataclass
+class _Params:
+    work_size: int
+    max_rotation: float
+    min_contrast: float
+    min_coverage: float
+    min_homogeneity: float
+    min_length: float
+    min_area: float
+    edge_tolerance: float
+    max_residual: float
+    angle_tolerance: float
+    num_peaks: int
+
+
+def _line_points(n: np.ndarray, c: float, h: int, w: int, margin: float = 1.0):
+    """Sample points (T, 2) ``(x, y)`` every 1 px along ``n . p = c`` inside the frame, and the direction."""
+    d = np.array([-n[1], n[0]])
+    p0 = n * c
+    lo, hi = -1e9, 1e9
+    for k, size in ((0, w), (1, h)):
+        if abs(d[k]) < 1e-9:
+            if not margin <= p0[k] <= size - 1 - margin:
+                return None, d
+            continue
+        a, b = (margin - p0[k]) / d[k], (size - 1 - margin - p0[k]) / d[k]
+        lo, hi = max(lo, min(a, b)), min(hi, max(a, b))
+    if hi - lo < 4:
+        return None, d
+    t = np.arange(lo, hi + 1e-9, 1.0)
+    return p0[None, :] + t[:, None] * d[None, :], d
+
+
+def _detrend(x: np.ndarray, y: np.ndarray, v: np.ndarray, usable: np.ndarray,
+             max_samples: int = 3000) -> tuple[np.ndarray, float, float]:
+    """Residuals of ``v`` around a robust plane ``a + b x + c y`` fitted on ``usable`` points.
+
+    Returns:
+        residuals (all points), the plane's range over the points, and the residuals' robust sigma
+        over the usable points.
+    """
+    idx = np.flatnonzero(usable)
+    idx = idx[:: max(1, idx.size // max_samples)]
+    a = np.stack([np.ones(idx.size, dtype=np.float32), x[idx], y[idx]], axis=1)
+    keep = np.ones(idx.size, dtype=bool)
+    coef = np.zeros(3)
+    for _ in range(2):
+        coef = np.linalg.lstsq(a[keep], v[idx][keep], rcond=None)[0]
+        r = v[idx] - a @ coef
+        sigma = max(_robust_sigma(r), 0.004)
+        keep = np.abs(r) <= 3.0 * sigma
+        if keep.sum() < 10:
+            break
+    plane = coef[0] + coef[1] * x + coef[2] * y
+    return v - plane, float(plane.max() - plane.min()), _robust_sigma(r[keep]) if keep.any() else 0.0
+
+
+def _robust_line(t: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Intercept and slope of ``y = a + b t`` by least squares with outliers (> 0.75 px) dropped."""
+    keep = np.ones(t.size, dtype=bool)
+    b, a = np.polyfit(t, y, 1)
+    for _ in range(3):
+        r = np.abs(y - (a + b * t))
+        new = r <= max(0.75, 2.5 * 1.4826 * float(_median(r)))
+        if new.sum() < 8 or (new == keep).all():
+            break
+        keep = new
+        b, a = np.polyfit(t[keep], y[keep], 1)
+    return float(a), float(b)
+
+
+def _median(v: np.ndarray) -> float:
+    """Median (upper middle element for even sizes) without ``np.median``'s overhead on small arrays."""
+    a = np.asarray(v).ravel()
+    if a.size == 0:
+        return float("nan")
+    k = a.size // 2
+    return float(np.partition(a, k)[k])
+
+
+def _robust_sigma(v: np.ndarray) -> float:
+    return float(1.4826 * _median(np.abs(v - _median(v)))) if v.size else 0.0
+
+
+class _Detector:
+    """One detection run on a working copy ``g (h, w)`` (smoothed, [0, 1])."""
+
+    def __init__(self, g: np.ndarray, p: _Params) -> None:
+        self.g = g
+        self.p = p
+        self.h, self.w = g.shape
+        self.half = max(4, round(6 * max(self.h, self.w) / 256))  # across-profile half length (px)
+        self.offsets = np.arange(-self.half, self.half + 1, dtype=np.float64)
+        yy, xx = np.mgrid[0: self.h, 0: self.w]
+        self.xx = xx.astype(np.float32)
+        self.yy = yy.astype(np.float32)
+        self.log: list[tuple[float, float, str]] = []  # (angle of n, offset, why rejected) for debugging
+        self.borders: list[CarrierSide] = []  # lines with a straight step border (exterior not checked)
+        self._cache: dict[tuple[float, float, float], Any] = {}
+        # bone-like pixels: bright (above Yen's threshold) and textured; flat bright (unexposed
+        # collimator bands, label boxes) is not bone
+        t_bone = float(threshold_yen(g))
+        local_range = ndi.maximum_filter(g, size=5) - ndi.minimum_filter(g, size=5)
+        self.bony = (g >= t_bone) & (local_range >= 0.05)
+
+    def _reject(self, n: np.ndarray, c: float, why: str) -> None:
+        self.log.append((math.degrees(math.atan2(n[1], n[0])), c, why))
+
+    def _objects(self, mask: np.ndarray, border: np.ndarray) -> tuple[int, int, int]:
+        """Split ``mask`` into burned-in markers and the rest: (marker px, other px, other px touching ``border``).
+
+        A marker is a compact component (<= 2.5 % of the image, extent <= 30 % of the long side), such
+        as an L/R letter or a text box; it may straddle a border.
+        """
+        if not mask.any():
+            return 0, 0, 0
+        lab, nlab = ndi.label(mask)
+        sizes = np.bincount(lab.ravel(), minlength=nlab + 1)
+        sizes[0] = 0
+        marker = sizes <= 0.025 * self.g.size
+        for i, sl in enumerate(ndi.find_objects(lab), start=1):
+            if marker[i] and sl is not None:
+                marker[i] = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start) <= 0.3 * max(self.h, self.w)
+        marker[0] = False
+        touching = np.zeros(nlab + 1, dtype=bool)
+        touching[lab[border & mask]] = True
+        touching[0] = False
+        other = ~marker
+        other[0] = False
+        return int(sizes[marker].sum()), int(sizes[other].sum()), int(sizes[other & touching].sum())
+
+    # -- across-line profiles ------------------------------------------------------------------
+    def _profiles(self, n: np.ndarray, c: float):
+        """Points (T, 2), direction and across-line profiles (T, K) of ``n . p = c`` (cached per line)."""
+        key = (round(float(n[0]), 9), round(float(n[1]), 9), round(float(c), 6))
+        flipped = (-key[0], -key[1], -key[2])
+        if key in self._cache:
+            return self._cache[key]
+        if flipped in self._cache:  # same line, other exterior side: reverse both axes
+            fp = self._cache[flipped]
+            if fp is None:
+                return None
+            pts, d, prof = fp
+            return pts[::-1], -d, prof[::-1, ::-1]
+        pts, d = _line_points(n, c, self.h, self.w)
+        res = None
+        if pts is not None:
+            coords = pts[:, None, :] + self.offsets[None, :, None] * n[None, None, :]  # (T, K, 2) (x, y)
+            prof = ndi.map_coordinates(self.g, [coords[..., 1].ravel(), coords[..., 0].ravel()], order=1,
+                                       mode="nearest").reshape(coords.shape[:2])
+            res = (pts, d, prof)
+        if len(self._cache) < 4096:
+            self._cache[key] = res
+        return res
+
+    def _edge_positions(self, prof: np.ndarray, inner: np.ndarray, outer: np.ndarray,
+                        sign: float) -> tuple[np.ndarray, np.ndarray]:
+        """Sub-pixel step position per row and its steepest 1-px rise.
+
+        The position is where the profile crosses half-way between its inner and outer levels, by
+        linear interpolation, taking the crossing nearest the line (no pixel locking, unlike a peak
+        fit); ``+`` is towards the exterior. Rows without a crossing get a large position.
+        """
+        level = 0.5 * (inner + outer)
+        z = sign * (prof - level[:, None])  # rises from < 0 (inside) to > 0 (outside)
+        up = (z[:, :-1] < 0) & (z[:, 1:] >= 0)
+        cross = np.where(up, self.offsets[None, :-1] + (-z[:, :-1]) / np.where(up, z[:, 1:] - z[:, :-1], 1.0),
+                         np.inf)
+        pos = np.take_along_axis(cross, np.argmin(np.abs(cross), axis=1)[:, None], axis=1)[:, 0]
+        step = (sign * np.diff(prof, axis=1)).max(axis=1)
+        return np.where(np.isfinite(pos), pos, 99.0), step
+
+    def _measure(self, n: np.ndarray, c: float):
+        """Profiles across ``n . p = c``: points, direction, inner/outer band means, contrast, step positions."""
+        res = self._profiles(n, c)
+        if res is None:
+            return None
+        pts, d, prof = res
+        k = self.half
+        inner = prof[:, : k - 1].mean(axis=1)  # offsets <= -2
+        outer = prof[:, k + 2:].mean(axis=1)  # offsets >= +2
+        diff = outer - inner
+        big = diff[np.abs(diff) >= self.p.min_contrast]
+        if big.size < 8:
+            return None
+        contrast = float(_median(big))
+        sign = 1.0 if contrast > 0 else -1.0
+        pos, step = self._edge_positions(prof, inner, outer, sign)
+        return pts, d, inner, outer, diff, contrast, sign, pos, step
+
+    def evaluate(self, n: np.ndarray, c: float) -> CarrierSide | None:
+        """Test the line ``n . p = c`` as a carrier side with its exterior on the ``+n`` side."""
+        p = self.p
+        for it in range(3):  # refine the line on the sub-pixel step positions (2x), then judge it
+            m = self._measure(n, c)
+            if m is None:
+                self._reject(n, c, "no contrast")
+                return None
+            pts, d, inner, outer, diff, contrast, sign, pos, step = m
+            good = (sign * diff > 0.5 * abs(contrast)) & (np.abs(pos) <= 2.5)
+            along = self.w if abs(n[1]) > abs(n[0]) else self.h
+            if good.sum() < max(8, 0.6 * p.min_length * along):
+                self._reject(n, c, "no step edge")
+                return None
+            if it == 0:  # cheap screen: the exterior band must be uniform along enough of the line
+                uniform = np.abs(outer[good] - _median(outer[good])) <= max(0.03, 0.25 * abs(contrast))
+                if uniform.sum() < 0.6 * p.min_length * along:
+                    self._reject(n, c, "exterior band not uniform")
+                    return None
+            if it == 2:
+                break
+            # fit on the typical stretch: a label or limb lying on the border changes a band's level
+            band_tol = max(0.03, 0.25 * abs(contrast))
+            typical = good & (np.abs(inner - _median(inner[good])) <= band_tol) \
+                & (np.abs(outer - _median(outer[good])) <= band_tol)
+            fit = typical if typical.sum() >= 8 else good
+            t = (pts - pts[0]) @ d
+            a, b = _robust_line(t[fit], pos[fit])  # pos = a + b t
+            spread = 1.4826 * float(_median(np.abs(pos[fit] - a - b * t[fit])))
+            if spread > 2.0 * p.max_residual:  # clearly curved (a skin or bone outline): stop early
+                self._reject(n, c, f"not a straight border (spread {spread:.2f} px)")
+                return None
+            if abs(a) < 0.05 and abs(b) < 1e-3:
+                break
+            anchor = pts[0] + n * a  # refined point at t = 0
+            n = (n - b * d) / math.hypot(1.0, b)  # normal of the refined line pts + n * (a + b t)
+            c = float(anchor @ n)
+        # ---- judge the border: a straight step along one segment (markers may interrupt it)
+        m_out = float(_median(outer))
+        tol = max(0.03, 3.0 * max(_robust_sigma(outer), 0.004), 0.25 * abs(contrast))
+        ok = (sign * diff >= max(p.min_contrast, 0.5 * abs(contrast))) & (np.abs(outer - m_out) <= tol) \
+            & (np.abs(pos) <= p.edge_tolerance)
+        along = self.w if abs(n[1]) > abs(n[0]) else self.h
+        idx = np.flatnonzero(ok)
+        length = idx.size / float(along)
+        if length < p.min_length:
+            self._reject(n, c, f"edge length {length:.2f}")
+            return None
+        i0, i1 = idx[0], idx[-1] + 1
+        # samples whose exterior band is disturbed (a marker lying on the border) neither count for nor
+        # against the side; a step missing or off the line where the exterior is clean counts against
+        disturbed = np.abs(outer[i0:i1] - m_out) > tol
+        n_disturbed = int(disturbed.sum()) if disturbed.mean() <= 0.15 else 0  # markers are short
+        coverage = idx.size / float(max(i1 - i0 - n_disturbed, 1))
+        straightness = float(1.4826 * _median(np.abs(pos[ok])))  # robust spread of the step about the line
+        pk = pos[ok]  # noise part of it: position differences 3 samples apart (past the blur's correlation)
+        jitter = float(1.4826 * _median(np.abs(pk[3:] - pk[:-3]))) / math.sqrt(2.0) if pk.size > 6 else 0.0
+        spread_limit = max(p.max_residual, 2.0 * jitter)
+        sharpness = float(_median(step[ok] / np.abs(diff[ok])))  # steepest 1-px rise / contrast
+        if straightness > 2.0 * spread_limit or coverage < 0.6:
+            self._reject(n, c, f"not a straight border (spread {straightness:.2f} px, coverage {coverage:.2f})")
+            return None
+        if abs(n[0]) >= abs(n[1]):
+            slot = "right" if n[0] > 0 else "left"
+        else:
+            slot = "bottom" if n[1] > 0 else "top"
+        angle = (math.degrees(math.atan2(n[1], n[0])) + 45.0) % 90.0 - 45.0  # rectangle rotation
+        ends = np.stack([pts[i0], pts[i1 - 1]])
+        self.borders.append(CarrierSide(slot=slot, normal=n.copy(), offset=c, angle=angle, contrast=contrast,
+                                        coverage=coverage, homogeneity=0.0, exterior_level=m_out,
+                                        length=length, ends=ends, straightness=straightness,
+                                        sharpness=sharpness))  # good enough to mark a corner
+        if straightness > spread_limit or coverage < p.min_coverage:  # skin, bone outlines curve smoothly
+            self._reject(n, c, f"not straight enough (spread {straightness:.2f} px, jitter {jitter:.2f}, "
+                               f"coverage {coverage:.2f})")
+            return None
+        # ---- exterior half-plane: homogeneous around a gentle trend, contrasted, nothing crossing.
+        # Outliers are burned-in markers (compact, apart from the border: tolerated when small),
+        # structure touching the border (anatomy continuing past it: refused) or clutter.
+        proj = self.xx * np.float32(n[0]) + self.yy * np.float32(n[1]) - np.float32(c)
+        ext = proj > 2.5
+        n_ext = int(ext.sum())
+        across = self.h if abs(n[1]) > abs(n[0]) else self.w
+        if n_ext < max(20, 0.003 * self.g.size) or float(proj.max()) < max(5.0, 0.02 * across):
+            self._reject(n, c, "no exterior (or a sliver not worth cutting)")
+            return None
+        v = self.g[ext]
+        usable = np.abs(v - m_out) <= 0.5 * abs(contrast)  # exterior background (not markers on it)
+        if usable.sum() < 20:
+            self._reject(n, c, "exterior unlike the band outside the border")
+            return None
+        resid, trend, sigma = _detrend(self.xx[ext], self.yy[ext], v, usable)
+        tol_ext = max(0.03, 4.0 * max(sigma, 0.004))
+        if abs(contrast) < 2.0 * tol_ext or trend > 0.5 * abs(contrast):
+            self._reject(n, c, f"contrast {contrast:.3f} tol {tol_ext:.3f} trend {trend:.3f}")
+            return None
+        outlier = np.zeros_like(ext)
+        outlier[ext] = np.abs(resid) > tol_ext
+        # the border's own penumbra (collimator edges are soft) varies across, not along, the border:
+        # compare the near band depth by depth
+        margin = max(5.0, 2.0 * self.half)
+        near = ext & (proj <= margin)
+        depth = np.floor(proj[near] - 2.5).astype(np.intp)
+        r_map = np.zeros_like(self.g)
+        r_map[ext] = resid
+        r_near = r_map[near]
+        level = np.array([_median(r_near[depth == k]) if np.any(depth == k) else 0.0
+                          for k in range(int(depth.max()) + 1)]) if depth.size else np.zeros(1)
+        outlier[near] = np.abs(r_near - level[depth]) > tol_ext
+        band = ext & (proj <= margin + self.half)
+        marker_px, other_px, crossing = self._objects(outlier, band)
+        homogeneity = 1.0 - other_px / n_ext
+        if homogeneity < p.min_homogeneity or crossing > 0.003 * self.g.size:
+            self._reject(n, c, f"homogeneity {homogeneity:.2f}, {crossing} px of structure crossing")
+            return None
+        _, bone_px, _ = self._objects(self.bony & (proj > margin), band)
+        if bone_px > 0.002 * self.g.size:  # bone-like texture beyond the border: anatomy, never crop it
+            self._reject(n, c, f"{bone_px} px of bone-like structure outside")
+            return None
+        m_ext = float(_median(v))
+        return CarrierSide(slot=slot, normal=n.copy(), offset=c, angle=angle, contrast=contrast,
+                           coverage=coverage, homogeneity=homogeneity, exterior_level=m_ext, length=length,
+                           ends=ends, straightness=straightness, sharpness=sharpness)
+
+    # -- candidates -----------------------------------------------------------------------------
+    def candidates(self) -> list[tuple[np.ndarray, float]]:
+        p = self.p
+        edges = canny(self.g, sigma=1.0, low_threshold=0.5 * p.min_contrast, high_threshold=p.min_contrast)
+        if edges.sum() < 10:
+            return []
+        r = math.radians(p.max_rotation)
+        step = math.radians(0.5)
+        near0 = np.arange(-r, r + 1e-9, step)
+        near90 = np.concatenate([np.arange(-math.pi / 2, -math.pi / 2 + r + 1e-9, step),
+                                 np.arange(math.pi / 2 - r, math.pi / 2 - 1e-9, step)])
+        theta = np.sort(np.concatenate([near0, near90]))
+        acc, angles, dists = hough_line(edges, theta=theta)
+        min_votes = max(8, int(0.5 * p.min_length * min(self.h, self.w)))
+        # local maxima (7 distances x 9 angles) above min_votes, strongest first
+        peak = (acc == ndi.maximum_filter(acc, size=(7, 9), mode="constant")) & (acc >= min_votes)
+        i_d, i_t = np.nonzero(peak)
+        order = np.argsort(-acc[i_d, i_t], kind="stable")[: p.num_peaks]
+        return [(np.array([math.cos(angles[t]), math.sin(angles[t])]), float(dists[dd]))
+                for dd, t in zip(i_d[order], i_t[order], strict=True)]
+
+    def run(self) -> list[CarrierSide]:
+        sides: list[CarrierSide] = []
+        for n, c in self.candidates():
+            for s in (1.0, -1.0):
+                side = self.evaluate(s * n, s * c)
+                if side is not None:
+                    sides.append(side)
+        return sides
+
+
+def _exit_distance(p: np.ndarray, u: np.ndarray, w: int, h: int) -> float:
+    """Distance from ``p`` along direction ``u`` to the border of the frame ``[0, w-1] x [0, h-1]``."""
+    norm = float(np.hypot(*u))
+    if norm < 1e-9:
+        return 0.0
+    u = u / norm
+    dist = math.inf
+    for k, size in ((0, w), (1, h)):
+        if u[k] > 1e-9:
+            dist = min(dist, (size - 1 - p[k]) / u[k])
+        elif u[k] < -1e-9:
+            dist = min(dist, -p[k] / u[k])
+    return max(dist, 0.0)
+
+
+def _closed(sides: list[CarrierSide], borders: list[CarrierSide], shape: tuple[int, int],
+            tol: float) -> list[CarrierSide]:
+    """Drop sides whose border segment stops in mid-image instead of at the frame or a corner.
+
+    A carrier side runs from corner to corner (or off the frame); where the border of something else
+    (a straight limb, a bone, a label) happens to be straight, the evidence stops in the open. An end
+    counts as a corner when it meets (or passes) a perpendicular accepted side, or a perpendicular
+    straight step border (``borders``; its exterior need not pass the tests, e.g. a marker sits there).
+    """
+    h, w = shape
+    kept = list(sides)
+    changed = True
+    while changed and kept:
+        changed = False
+        for s in list(kept):
+            perp = [o for o in kept + borders
+                    if o is not s and o.slot not in (s.slot, _OPPOSITE[s.slot]) and _same_angle(o, s, 1.5)]
+            mid = s.ends.mean(axis=0)
+            for end in s.ends:
+                u = (end - mid) / max(float(np.hypot(*(end - mid))), 1e-9)  # outwards along the side
+                at_frame = _exit_distance(end, u, w, h) <= tol
+                at_side = any(float(o.normal @ u) > 0.9 and -tol <= float(o.normal @ end) - o.offset <= 3 * tol
+                              and _near_segment(o, end, tol) for o in perp)  # met (or just passed) a corner
+                if not (at_frame or at_side):
+                    kept.remove(s)
+                    changed = True
+                    break
+    return kept
+
+
+def _same_angle(a: CarrierSide, b: CarrierSide, tol: float) -> bool:
+    return abs(a.angle - b.angle) <= tol
+
+
+def _near_segment(o: CarrierSide, p: np.ndarray, tol: float) -> bool:
+    """Whether ``p`` projects onto the evidenced segment of ``o`` (extended by ``tol``)."""
+    d = np.array([-o.normal[1], o.normal[0]])
+    t0, t1 = sorted(float(e @ d) for e in o.ends)
+    t = float(p @ d)
+    return t0 - tol <= t <= t1 + tol
+
+
+def _assemble(sides: list[CarrierSide], borders: list[CarrierSide], p: _Params, shape: tuple[int, int],
+              tol: float) -> list[CarrierSide]:
+    """One rotation (rectangle), the outermost closed side per slot, every side closed at both ends."""
+    best: list[CarrierSide] = []
+    for ref in sorted(sides, key=lambda s: -s.score):
+        group = _closed([s for s in sides if abs(s.angle - ref.angle) <= p.angle_tolerance], borders, shape, tol)
+        chosen: dict[str, CarrierSide] = {}
+        for s in sorted(group, key=lambda s: -s.offset):  # outermost per slot: never cut inwards
+            chosen.setdefault(s.slot, s)
+        cand = _closed(list(chosen.values()), borders, shape, tol)
+        if sum(s.score for s in cand) > sum(s.score for s in best):
+            best = cand
+    return best
+
+
+def _to_input(s: CarrierSide, factor: float, offset: float) -> CarrierSide:
+    """The side in input pixels (working pixel ``i`` lies at ``factor * i + offset``)."""
+    n = s.normal
+    return dataclasses.replace(s, offset=s.offset * factor + offset * float(n[0] + n[1]),
+                               ends=s.ends * factor + offset)
+
+
+def _rectangle(sides: list[CarrierSide], shape: tuple[int, int]):
+    """(4, 2) polygon in input pixels from the accepted sides; missing sides just outside the image."""
+    h, w = shape
+    angle = math.radians(float(np.mean([s.angle for s in sides])))
+    ca, sa = math.cos(angle), math.sin(angle)
+    normals = {"right": np.array([ca, sa]), "left": np.array([-ca, -sa]),
+               "bottom": np.array([-sa, ca]), "top": np.array([sa, -ca])}
+    corners_img = np.array([[-0.5, -0.5], [w - 0.5, -0.5], [w - 0.5, h - 0.5], [-0.5, h - 0.5]])
+    lines = {}
+    by_slot = {s.slot: s for s in sides}
+    for slot in _SLOTS:
+        if slot in by_slot:
+            s = by_slot[slot]
+            n = s.normal
+            lines[slot] = (n, s.offset)
+        else:
+            n = normals[slot]
+            lines[slot] = (n, float((corners_img @ n).max()) + 1.0)
+
+    def meet(a: str, b: str) -> np.ndarray:
+        (n1, c1), (n2, c2) = lines[a], lines[b]
+        return np.linalg.solve(np.stack([n1, n2]), np.array([c1, c2]))
+
+    return np.stack([meet("left", "top"), meet("top", "right"), meet("right", "bottom"), meet("bottom", "left")])
+
+
+def detect_carrier(
+    image: Any,
+    work_size: int = 256,
+    max_rotation: float = 20.0,
+    min_contrast: float = 0.06,
+    min_coverage: float = 0.85,
+    min_homogeneity: float = 0.9,
+    min_length: float = 0.3,
+    min_area: float = 0.25,
+    edge_tolerance: float = 1.5,
+    max_residual: float = 0.4,
+    angle_tolerance: float = 1.5,
+    num_peaks: int = 24,
+) -> CarrierResult:
+    """Find the X-ray carrier of a radiograph, demanding evidence for each of its sides.
+
+    Args:
+        image: (H, W) (or (1, H, W)) float image in [0, 1], bone bright.
+        work_size: long side of the working copy the search runs on.
+        max_rotation: largest carrier rotation searched (degrees from the image axes).
+        min_contrast: smallest |exterior - interior| intensity step of a side.
+        min_coverage: fraction of a side's evidenced segment that must show the straight step.
+        min_homogeneity: fraction of the exterior half-plane within tolerance of its median.
+        min_length: shortest visible side, as a fraction of the image side it runs along.
+        min_area: smallest carrier area, as a fraction of the image.
+        edge_tolerance: largest distance (working px) of the step from the fitted straight line.
+        max_residual: largest robust spread (working px) of the step about that line (straightness).
+        angle_tolerance: largest tilt difference (degrees) between sides of one carrier.
+        num_peaks: Hough lines examined.
+
+    Returns:
+        :class:`CarrierResult` (``found=False``, whole-image box when there is no convincing carrier).
+
+    Raises:
+        ValueError: ``image`` is not 2-D (or ``(1, H, W)``).
+    """
+    arr = convert_data_type(image, np.ndarray)[0]
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        msg = f"detect_carrier: expected an (H, W) or (1, H, W) image, got shape {tuple(arr.shape)}"
+        raise ValueError(msg)
+    shape = (int(arr.shape[0]), int(arr.shape[1]))
+    whole = (0, shape[0], 0, shape[1])
+    p = _Params(work_size, max_rotation, min_contrast, min_coverage, min_homogeneity, min_length, min_area,
+                edge_tolerance, max_residual, angle_tolerance, num_peaks)
+    if min(shape) < 16:
+        return CarrierResult(False, None, whole, shape, reason="image too small")
+    small, factor, offset = work_copy(np.nan_to_num(arr.astype(np.float32, copy=False)), work_size)
+    g = ndi.gaussian_filter(small, 1.0)
+    if float(g.max() - g.min()) < 2 * min_contrast:
+        return CarrierResult(False, None, whole, shape, reason="no contrast")
+    det = _Detector(g, p)
+    sides = _assemble(det.run(), det.borders, p, g.shape, tol=max(8.0, 3.0 * det.half))
+    if not sides:
+        return CarrierResult(False, None, whole, shape, reason="no side with straight border and uniform exterior")
+    sides = [_to_input(s, factor, offset) for s in sides]
+    poly = _rectangle(sides, shape)
+    clipped = _clip_polygon(poly + 0.5, float(shape[1]), float(shape[0]))  # pixel-edge coordinates
+    if len(clipped) < 3:
+        return CarrierResult(False, None, whole, shape, reason="carrier outside the image")
+    area = 0.5 * abs(float(np.sum(clipped[:, 0] * np.roll(clipped[:, 1], -1)
+                                  - np.roll(clipped[:, 0], -1) * clipped[:, 1])))
+    frac = area / float(shape[0] * shape[1])
+    if frac < min_area:
+        return CarrierResult(False, None, whole, shape, reason=f"carrier area {frac:.2f} below {min_area}")
+    if frac > 0.995:
+        return CarrierResult(False, None, whole, shape, reason="carrier is the whole image")
+    x0, y0 = np.floor(clipped.min(axis=0)).astype(int)
+    x1, y1 = np.ceil(clipped.max(axis=0)).astype(int)
+    box = (max(0, int(y0)), min(shape[0], int(y1)), max(0, int(x0)), min(shape[1], int(x1)))
+    score = float(sum(s.score for s in sides))
+    slots = ",".join(s.slot for s in sides)
+    return CarrierResult(True, poly, box, shape, score=score, sides=sides,
+                         reason=f"{len(sides)} side(s) [{slots}] with straight border and uniform exterior")
+
+
+# ------------------------------------------------------------------------------------ transforms
+def _meta_update(meta: dict, res: CarrierResult) -> None:
+    """Record the detection in a MetaTensor's ``meta`` (plain Python types, collate-friendly)."""
+    y0, y1, x0, x1 = res.box
+    meta["carrier_found"] = bool(res.found)
+    meta["carrier_box"] = [int(y0), int(y1), int(x0), int(x1)]  # (y0, y1, x0, x1) in the input grid
+    meta["carrier_input_shape"] = [int(res.shape[0]), int(res.shape[1])]
+    meta["carrier_score"] = float(res.score)
+    meta["carrier_sides"] = ",".join(s.slot for s in res.sides)
+    if res.found and res.polygon is not None:
+        meta["carrier_polygon"] = (res.polygon - np.array([x0, y0], dtype=np.float64)).tolist()  # crop (x, y)
+    else:
+        meta.pop("carrier_polygon", None)
+
+
+class CropToCarrier(Crop):
+    """Crop a channel-first radiograph ``(1, H, W)`` to its X-ray carrier (:func:`detect_carrier`).
+
+    The crop is the axis-aligned bounding box of the carrier polygon clipped to the image (pixels are
+    not resampled, so the crop is exact and invertible; a rotated carrier leaves small exterior corner
+    triangles, whose polygon in crop coordinates is stored for the segmentation to ignore). Without a
+    carrier the whole image is kept (an identity crop, still traced so ``inverse`` always applies).
+
+    On a ``MetaTensor`` the metadata gets ``carrier_found`` (bool), ``carrier_box`` (``[y0, y1, x0,
+    x1]`` in the input grid), ``carrier_input_shape``, ``carrier_score``, ``carrier_sides`` and, when
+    found, ``carrier_polygon`` (4 ``[x, y]`` corners in crop coordinates); the trace
+    (``applied_operations``) lets :meth:`inverse` pad an image, mask or map back to the input grid.
+    numpy input gives numpy output (no trace).
+
+    Args:
+        work_size: long side of the working copy of :func:`detect_carrier`.
+        **detect_kwargs: further :func:`detect_carrier` options.
+    """
+
+    backend = Crop.backend
+
+    def __init__(self, work_size: int = 256, **detect_kwargs: Any) -> None:
+        super().__init__(lazy=False)
+        self.work_size = int(work_size)
+        self.detect_kwargs = detect_kwargs
+
+    def detect(self, img: Any) -> CarrierResult:
+        """Carrier of ``img`` ``(1, H, W)``."""
+        if len(img.shape) != 3 or img.shape[0] != 1:
+            msg = f"CropToCarrier: expected a (1, H, W) image, got shape {tuple(img.shape)}"
+            raise ValueError(msg)
+        arr = convert_data_type(img, np.ndarray)[0][0]
+        return detect_carrier(arr, work_size=self.work_size, **self.detect_kwargs)
+
+    def __call__(self, img: Any, result: CarrierResult | None = None, lazy: bool | None = None) -> Any:  # type: ignore[override]
+        """``img (1, H, W)`` -> ``(1, h, w)`` cropped to the carrier (``result`` skips the detection)."""
+        res = self.detect(img) if result is None else result
+        y0, y1, x0, x1 = res.box
+        out = super().__call__(img, (slice(y0, y1), slice(x0, x1)), lazy=False)
+        if isinstance(out, MetaTensor):
+            _meta_update(out.meta, res)
+        if isinstance(img, np.ndarray):
+            return convert_data_type(out, np.ndarray, dtype=img.dtype)[0]
+        return out
+
+
+class CropToCarrierd(MapTransform, InvertibleTransform):
+    """Dictionary twin of :class:`CropToCarrier`: one detection (on ``source_key``), the same crop for all keys.
+
+    Args:
+        keys: keys to crop (e.g. ``("image", "mask")``; with ``allow_missing_keys`` a key that appears
+            later in a pipeline, such as ``"mask"``, is inverted too).
+        source_key: key the carrier is detected on (default: the first key present).
+        work_size: long side of the working copy.
+        allow_missing_keys: skip missing keys.
+        **detect_kwargs: further :func:`detect_carrier` options.
+    """
+
+    backend = CropToCarrier.backend
+
+    def __init__(self, keys: KeysCollection, source_key: str | None = None, work_size: int = 256,
+                 allow_missing_keys: bool = False, **detect_kwargs: Any) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.source_key = source_key
+        self.cropper = CropToCarrier(work_size=work_size, **detect_kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        present = list(self.key_iterator(d))
+        if not present:
+            return d
+        src = self.source_key if self.source_key is not None else present[0]
+        if src not in d:
+            msg = f"CropToCarrierd: source key {src!r} not in the data (keys: {list(d)})"
+            raise KeyError(msg)
+        res = self.cropper.detect(d[src])
+        for key in present:
+            d[key] = self.cropper(d[key], result=res)
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Pad every traced key back to the input grid (zeros where the exterior was cut)."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.cropper.inverse(d[key])
+        return d
+
+
+CropToCarrierD = CropToCarrierDict = CropToCarrierd

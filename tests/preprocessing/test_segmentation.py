@@ -1,0 +1,114 @@
+"""Body-part segmentation: Dice on phantoms, markers, shapes, failures and the real sample files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from scipy import ndimage as ndi
+
+from preprocessing.carrier import detect_carrier
+from preprocessing.segmentation import SegmentBodyPart, segment_body_part
+from tests.preprocessing.test_carrier import CARRIER_CASES, NO_CARRIER_CASES, display_of, normalize, phantom
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def test_phantom_dice(tmp_path):
+    """Dice >= 0.9 vs the phantom's body mask (inside the carrier crop) on 24 phantoms."""
+    cases = [(c, 100 + k) for k, c in enumerate(CARRIER_CASES[::2])]
+    cases += [(c, 200 + k) for k, c in enumerate(NO_CARRIER_CASES)]
+    cases += [(c, 300 + k) for k, c in enumerate(CARRIER_CASES[1::6])]
+    assert len(cases) >= 20
+    scores = []
+    for case, seed in cases:
+        ph = phantom(case, seed)
+        x = display_of(ph, tmp_path)
+        res = detect_carrier(x)
+        y0, y1, x0, x1 = res.box
+        mask = segment_body_part(x[y0:y1, x0:x1], carrier=res.mask[y0:y1, x0:x1] if res.found else False)
+        scores.append(dice(mask, ph.body_mask[y0:y1, x0:x1]))
+        assert scores[-1] >= 0.9, f"{case} seed {seed}: Dice {scores[-1]:.3f}"
+        # burned-in markers apart from the body (> 8 px, ~3 working px, away) are background; closer
+        # ones merge with the body at the working resolution
+        near_body = ndi.binary_dilation(ph.body_mask, iterations=8)
+        lab, _ = ndi.label(ndi.binary_dilation(ph.marker_mask, iterations=3))  # a box with its glyphs
+        apart = np.isin(lab, np.setdiff1d(np.unique(lab[ph.marker_mask]), np.unique(lab[near_body])))
+        apart &= ph.marker_mask
+        markers = apart[y0:y1, x0:x1]
+        if markers.sum() > 20:
+            assert (mask & markers).sum() <= 0.05 * markers.sum(), f"{case}: markers segmented"
+    assert np.mean(scores) >= 0.94
+
+
+def test_carrier_exterior_is_background():
+    ph = phantom(CARRIER_CASES[13], seed=113)  # dark carrier rotated 15 degrees
+    x = normalize(ph.display())
+    mask = segment_body_part(x)  # carrier=True: detected and used
+    assert mask.any() and not (mask & ~ph.carrier_mask).any()
+
+
+def test_two_limbs_are_kept():
+    img = np.full((300, 300), 0.05, dtype=np.float32)
+    yy, xx = np.mgrid[0:300, 0:300]
+    for cx in (80, 220):  # two limbs: cylindrical soft tissue around a bone with a cortex
+        d = np.abs(xx - cx).astype(np.float32)
+        img += np.where(d < 35, 0.3 * np.sqrt(np.clip(1 - (d / 35) ** 2, 0, 1)), 0)
+        img += np.where(d < 10, 0.3 + 0.3 * (d > 6), 0)
+    img += np.random.default_rng(0).normal(0, 0.01, img.shape).astype(np.float32)
+    mask = segment_body_part(np.clip(img, 0, 1), carrier=False)
+    truth = (np.abs(xx - 80) < 35) | (np.abs(xx - 220) < 35)
+    assert dice(mask, truth) > 0.95
+
+
+@pytest.mark.parametrize("shape", [(301, 257), (1000, 777), (64, 64), (2880, 2304)])
+def test_mask_is_on_the_input_grid(shape):
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = ((yy - h / 2) / (0.3 * h)) ** 2 + ((xx - w / 2) / (0.25 * w)) ** 2
+    img = np.where(r < 1, 0.3 + 0.6 * (r < 0.2), 0.05).astype(np.float32)
+    mask = segment_body_part(img, carrier=False)
+    assert mask.shape == shape and mask.dtype == bool
+    assert dice(mask, r < 1) > (0.9 if min(shape) < 100 else 0.95)  # ~1 working px at the outline
+
+
+@pytest.mark.parametrize("img", [np.zeros((100, 80), np.float32), np.full((50, 50), 0.7, np.float32),
+                                 np.ones((1, 1), np.float32)])
+def test_constant_image_raises(img):
+    with pytest.raises(ValueError, match="no body part found"):
+        segment_body_part(img)
+
+
+def test_wrong_shape_raises():
+    with pytest.raises(ValueError, match="expected an"):
+        segment_body_part(np.zeros((3, 20, 20)))
+
+
+def test_segment_body_part_transform_types():
+    ph = phantom(NO_CARRIER_CASES[1], seed=201)
+    x = normalize(ph.display())
+    ref = segment_body_part(x)
+    for img in (x[None], torch.from_numpy(x)[None], MetaTensor(torch.from_numpy(x)[None])):
+        out = SegmentBodyPart()(img)
+        assert tuple(out.shape) == (1, *x.shape) and type(out) is type(img)
+        assert np.array_equal(np.asarray(out[0]).astype(bool), ref)
+    out = SegmentBodyPart(dtype=torch.float32)(torch.from_numpy(x)[None])
+    assert out.dtype == torch.float32 and set(torch.unique(out).tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match=r"\(1, H, W\)"):
+        SegmentBodyPart()(x)
+
+
+def test_real_files_give_non_empty_masks(msk_sample, dicom_sample):
+    """Every full-resolution FracAtlas file and every DICOM sample yields a non-empty mask."""
+    from tests.preprocessing.test_carrier import _real_inputs
+
+    fractions = {}
+    for path, x in _real_inputs(msk_sample, dicom_sample):
+        mask = segment_body_part(x)
+        fractions[path.name] = float(mask.mean())
+        assert mask.shape == x.shape and mask.any(), path.name
+    radiographs = [v for k, v in fractions.items() if k.startswith("IMG")]
+    assert 0.05 < np.median(radiographs) < 0.7  # body parts, not the whole frame nor specks
