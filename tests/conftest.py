@@ -105,3 +105,33 @@ def tiny_run(tiny_split, tmp_path_factory) -> Path:
     cfg = load_config("demo", TINY_OVERRIDES)
     train_from_manifest(cfg, tiny_split, run_dir)
     return run_dir
+
+
+# ------------------------------------------------------------------ tiny DICOM run (radiology integration)
+@pytest.fixture(scope="session")
+def tiny_dicom_run(tmp_path_factory):
+    """A SALAD run (conv6, 32x32) trained for 6 epochs on 24 DICOM phantoms (96x96; CR/DX, MONOCHROME1/2,
+    8/12/16 bits, explicit/implicit little endian and RLE), with a non-degenerate score spread.
+
+    Returns:
+        ``SimpleNamespace(run_dir, dicom_dir, files)``; ``files`` is the ``write_dicom_tree`` table
+        (``source_path``, ``sop_instance_uid``, ``transfer_syntax``, ...).
+    """
+    from types import SimpleNamespace
+
+    from salad_med.config import load_config
+    from salad_med.synthetic import write_dicom_tree
+    from salad_med.trainer import train_from_manifest
+
+    root = tmp_path_factory.mktemp("tiny_dicom_run")
+    files = write_dicom_tree(root / "dicom", n=24, seed=1, size=(96, 96))
+    split = files[["image_id", "source_path", "patient_id", "body_part", "study", "label"]].copy()
+    split["split"] = ["train"] * 16 + ["val"] * 8
+    split["group_id"] = split["patient_id"]
+    split["known_anomaly"] = False
+    split.to_csv(root / "split.csv", index=False)
+    cfg = load_config("demo", [*TINY_OVERRIDES, "data.dataset=dicom", "preprocess.detect_carrier=false",
+                               "preprocess.segment=false", "train.lr=0.01", "train.pretrain_epochs=4",
+                               "train.epochs_per_round=2"])
+    train_from_manifest(cfg, root / "split.csv", root / "run")
+    return SimpleNamespace(run_dir=root / "run", dicom_dir=root / "dicom", files=files)
