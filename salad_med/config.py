@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,6 +101,9 @@ class ModelConfig:
     latent_dim: int = _field(200, min=2, max=4096, help="embedding size (paper: 200)")
     base_channels: int = _field(32, min=4, max=512, help="channels of the first conv block")
     stem_stride: int = _field(2, choices=(1, 2), help="ResNet stem stride")
+    norm: str = _field("batch", choices=("batch", "group", "instance", "none"),
+                       help="normalisation layers: batch (paper), group/instance/none do not depend on the "
+                            "batch composition (a DDP run then equals a 1-process run exactly)")
 
 
 @dataclass
@@ -108,7 +112,9 @@ class TrainConfig:
 
     method: str = _field("salad", choices=("salad", "dae", "memdae", "salad_no_rec", "salad_no_agg",
                                             "deep_svdd"), help="SALAD or a Table 1 baseline/ablation")
-    batch_size: int = _field(16, min=1, max=4096)
+    batch_size: int = _field(16, min=1, max=4096,
+                             help="GLOBAL batch per step (paper: 16); under torchrun each of the W ranks "
+                                  "takes batch_size / W (must divide)")
     lr: float = _field(1e-4, min=0.0, max=1.0)
     beta1: float = _field(0.5, min=0.0, max=1.0)
     beta2: float = _field(0.999, min=0.0, max=1.0)
@@ -124,8 +130,13 @@ class TrainConfig:
     schedule: str = _field("paper", choices=("paper", "official"), help="neighbourhood schedule")
     official_neighbours: int = _field(10, min=1, max=1000, help="neighbours per anchor (official)")
     augment_views: int = _field(1, min=0, max=16, help="augmented views per image for AUG_i")
+    view_loss: str = _field("query", choices=("query", "aug_set"),
+                            help="query: each view is a query for its image's bank row; aug_set: views join "
+                                 "the positive set of Eq. 1 (SampleSpecificLoss views)")
     device: str = _field("auto", help="auto, cpu, cuda, cuda:N")
     amp: bool = _field(True, help="mixed precision on CUDA")
+    sync_batchnorm: bool = _field(False, help="DDP on CUDA: SyncBatchNorm (BatchNorm statistics over the "
+                                              "global batch; ignored on CPU/gloo)")
     val_every: int = _field(1, min=1, max=10000, help="validate every N epochs")
     max_steps_per_epoch: int = _field(0, min=0, help="0 = full epoch; >0 caps steps (CPU smoke runs)")
 
@@ -150,6 +161,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _where(source: str | None, key: str) -> str:
@@ -179,6 +193,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -47,6 +47,12 @@ def test_overrides_parse_yaml_scalars():
     assert cfg.seed == 7
 
 
+def test_exponent_without_dot_is_a_float():
+    assert load_config(None, ["train.lr=1e-4"]).train.lr == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match="train.lr: expected float"):
+        load_config(None, ["train.lr=1e-4x"])
+
+
 def test_int_accepted_for_float():
     assert load_config(None, ["train.lam=1"]).train.lam == 1.0
 
