@@ -6,6 +6,11 @@ the same update, and computes neighbourhoods and entropies from that same bank. 
 :class:`ShardedEpochSampler`, whose global batch at step ``t`` is the same set of images for any
 number of ranks (with the same global batch size), so a 2-process run reproduces a 1-process run.
 
+``train.batch_size`` is the GLOBAL batch: each of the W ranks loads ``batch_size / W`` images
+(:func:`local_batch_size`), so the same config gives the same steps for any number of processes.
+Validation is sharded the same way (``shuffle=False``) and the per-image scores are put back in
+dataset order with :func:`gather_sharded` before the metric is computed once over the whole split.
+
 Environment (set by ``torchrun``): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``. Without them everything degrades to a single process.
 """
@@ -13,8 +18,9 @@ Environment (set by ``torchrun``): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``M
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,10 +33,16 @@ __all__ = [
     "is_main_process",
     "barrier",
     "all_gather_cat",
+    "all_reduce_mean",
+    "gather_sharded",
     "broadcast_object",
+    "local_batch_size",
+    "local_main_first",
     "ShardedEpochSampler",
     "cleanup_distributed",
 ]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -97,11 +109,19 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _comm_device(tensor: torch.Tensor) -> torch.device:
+    """Where a collective on ``tensor`` must run: the rank's GPU under NCCL, else where it is."""
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank along dim 0, in rank order.
 
     Ranks may hold different numbers of rows (the last batch of an epoch); rows are padded for the
-    collective and trimmed after. Returns a detached tensor.
+    collective and trimmed after. Returns a detached tensor on ``tensor``'s device (CPU tensors go
+    through the GPU under NCCL).
 
     Args:
         tensor: ``(B_r, ...)`` on this rank.
@@ -113,7 +133,9 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
     if not ctx.distributed:
         return tensor
-    size = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
+    home, device = tensor.device, _comm_device(tensor)
+    tensor = tensor.to(device)
+    size = torch.tensor([tensor.shape[0]], device=device, dtype=torch.long)
     sizes = [torch.zeros_like(size) for _ in range(ctx.world_size)]
     dist.all_gather(sizes, size)
     counts = [int(s.item()) for s in sizes]
@@ -122,7 +144,101 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     padded[: tensor.shape[0]] = tensor
     gathered = [torch.empty_like(padded) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, padded.contiguous())
-    return torch.cat([g[:n] for g, n in zip(gathered, counts, strict=True)], dim=0)
+    return torch.cat([g[:n] for g, n in zip(gathered, counts, strict=True)], dim=0).to(home)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over the ranks (a detached copy; identity in a single process).
+
+    With equal local batches (what :class:`ShardedEpochSampler` and :func:`local_batch_size` give)
+    the mean of per-rank batch-mean losses is the loss of the global batch.
+    """
+    tensor = tensor.detach().clone()
+    ctx = get_context()
+    if not ctx.distributed:
+        return tensor
+    home, device = tensor.device, _comm_device(tensor)
+    tensor = tensor.to(device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return (tensor / ctx.world_size).to(home)
+
+
+def gather_sharded(local: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Undo the interleaving of ``ShardedEpochSampler(num_samples, shuffle=False)``.
+
+    Rank ``r`` of ``W`` holds the rows of dataset items ``r, r + W, r + 2W, ...`` (``ceil(n / W)``
+    rows, the last wrapped around to item 0, 1, ...). The rows of all ranks are gathered and put
+    back in dataset order; the wrapped duplicates are dropped.
+
+    Args:
+        local: ``(ceil(n / W), ...)`` rows of this rank, in the sampler's order.
+        num_samples: dataset length ``n``.
+
+    Returns:
+        ``(n, ...)`` in dataset order, identical on every rank.
+
+    Raises:
+        ValueError: ``local`` does not hold ``ceil(n / W)`` rows.
+    """
+    ctx = get_context()
+    per_rank = -(-int(num_samples) // ctx.world_size)
+    if local.shape[0] != per_rank:
+        msg = (f"gather_sharded: rank {ctx.rank} holds {local.shape[0]} rows, expected {per_rank} "
+               f"(ceil({num_samples} / {ctx.world_size}))")
+        raise ValueError(msg)
+    if not ctx.distributed:
+        return local.detach()
+    rows = all_gather_cat(local)  # (W * per_rank, ...), rank-major
+    return rows.reshape(ctx.world_size, per_rank, *rows.shape[1:]).transpose(0, 1) \
+        .reshape(ctx.world_size * per_rank, *rows.shape[1:])[:num_samples]
+
+
+def local_batch_size(global_batch: int, world_size: int | None = None) -> int:
+    """Per-rank batch of the global ``train.batch_size``.
+
+    Raises:
+        ConfigError: ``global_batch`` is not a multiple of the world size.
+    """
+    world = get_context().world_size if world_size is None else int(world_size)
+    if global_batch % world:
+        from salad_med.errors import ConfigError
+
+        msg = (f"train.batch_size={global_batch} is the global batch and must be a multiple of the "
+               f"{world} torchrun processes (each takes batch_size / {world})")
+        raise ConfigError(msg)
+    return global_batch // world
+
+
+def local_main_first(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on local rank 0 of every node first, then on the other ranks.
+
+    For work whose result is cached on disk (the training image cache): one process per node builds
+    it, the others then reuse it. An error on any first-runner is raised on every rank (no rank is
+    left waiting in a collective).
+    """
+    ctx = get_context()
+    if not ctx.distributed:
+        return fn()
+    first = ctx.local_rank == 0
+    result: T | None = None
+    error: BaseException | None = None
+    if first:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            error = err
+    reports: list[str | None] = [None] * ctx.world_size
+    dist.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(reports) if m is not None]
+    if failed:
+        from salad_med.errors import SaladMedError
+
+        rank, text = failed[0]
+        msg = f"rank {rank} failed: {text}"
+        raise SaladMedError(msg)
+    return result if first else fn()
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

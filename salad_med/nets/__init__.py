@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from salad_med.errors import ConfigError
-from salad_med.nets.blocks import EmbeddingAutoEncoder
+from salad_med.nets.blocks import NORMS, EmbeddingAutoEncoder, replace_batchnorm
 from salad_med.nets.conv6 import Conv6AutoEncoder
 from salad_med.nets.resnet_ae import ResNet18AutoEncoder
 
@@ -34,7 +34,8 @@ def build_network(model_cfg: Any, image_size: int) -> EmbeddingAutoEncoder:
 
     Args:
         model_cfg: a :class:`~salad_med.config.ModelConfig` (``arch``, ``latent_dim``,
-            ``base_channels``, ``stem_stride``).
+            ``base_channels``, ``stem_stride``, ``norm``: ``batch`` or a batch-independent
+            replacement, see :func:`~salad_med.nets.blocks.replace_batchnorm`).
         image_size: side S of the (B, 1, S, S) input (``cfg.data.image_size``).
 
     Returns:
@@ -45,10 +46,16 @@ def build_network(model_cfg: Any, image_size: int) -> EmbeddingAutoEncoder:
     """
     arch = model_cfg.arch
     if arch == "conv6":
-        return Conv6AutoEncoder(image_size=image_size, latent_dim=model_cfg.latent_dim,
-                                base_channels=model_cfg.base_channels)
-    if arch == "resnet18":
-        return ResNet18AutoEncoder(image_size=image_size, latent_dim=model_cfg.latent_dim,
-                                   base_channels=model_cfg.base_channels, stem_stride=model_cfg.stem_stride)
-    msg = f"model.arch: {arch!r} is not one of {list(ARCHS)}"
-    raise ConfigError(msg)
+        net = Conv6AutoEncoder(image_size=image_size, latent_dim=model_cfg.latent_dim,
+                               base_channels=model_cfg.base_channels)
+    elif arch == "resnet18":
+        net = ResNet18AutoEncoder(image_size=image_size, latent_dim=model_cfg.latent_dim,
+                                  base_channels=model_cfg.base_channels, stem_stride=model_cfg.stem_stride)
+    else:
+        msg = f"model.arch: {arch!r} is not one of {list(ARCHS)}"
+        raise ConfigError(msg)
+    norm = getattr(model_cfg, "norm", "batch")
+    if norm not in NORMS:
+        msg = f"model.norm: {norm!r} is not one of {list(NORMS)}"
+        raise ConfigError(msg)
+    return replace_batchnorm(net, norm)
