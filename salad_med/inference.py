@@ -194,6 +194,10 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def _first_line(err: BaseException) -> str:
+    """One line naming the real failure (MONAI's "applying transform" wrapper removed)."""
+    from preprocessing.pipelines import root_cause
+
+    err = root_cause(err)
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
