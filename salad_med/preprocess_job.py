@@ -499,7 +499,7 @@ def run_preprocess(
 
     start = time.perf_counter()
     cfg = cfg or Config()
-    out_dir = Path(output)
+    out_dir = Path(output).absolute()  # manifests name files by absolute path: usable from any CWD
     inputs, strays, root = discover_inputs(dataset, input_path, labels)
     if shard is not None:
         i, n = shard
