@@ -111,9 +111,54 @@ def work_copy(image: np.ndarray, work_size: int) -> tuple[np.ndarray, float, flo
     hs, ws = math.ceil(sub.shape[0] / block) * block, math.ceil(sub.shape[1] / block) * block
     if (hs, ws) != sub.shape:
         sub = np.pad(sub, ((0, hs - sub.shape[0]), (0, ws - sub.shape[1])), mode="edge")
-    small = sub.reshape(hs // block, block, ws // block, block).mean(axis=(1, 3), dtype=np.float32)
+    # rows then columns (contiguous reductions: ~3x faster than one mean over axes (1, 3))
+    rows = sub.reshape(hs // block, block, ws).sum(axis=1, dtype=np.float32)
+    small = rows.reshape(hs // block, ws // block, block).sum(axis=2, dtype=np.float32)
+    small *= np.float32(1.0 / (block * block))
     factor = float(step * block)
     return small, factor, step * (block - 1) / 2.0
+
+
+def finite(image: np.ndarray) -> np.ndarray:
+    """``image`` as float32, NaN/inf replaced like ``np.nan_to_num`` (no copy when already finite float32)."""
+    arr = np.asarray(image).astype(np.float32, copy=False)
+    return arr if np.isfinite(arr).all() else np.nan_to_num(arr)
+
+
+def local_range(g: np.ndarray, size: int = 5) -> np.ndarray:
+    """``maximum_filter(g, size) - minimum_filter(g, size)`` (mode ``reflect``), by shifted slices.
+
+    Exactly the scipy result, ~5x faster on a working copy: the separable running max/min of a
+    small window is a handful of ``np.maximum``/``np.minimum`` over shifted views.
+    """
+    r = size // 2
+    if min(g.shape) <= r:
+        return ndi.maximum_filter(g, size=size) - ndi.minimum_filter(g, size=size)
+    pad = np.pad(g, r, mode="symmetric")  # scipy's "reflect" (edge sample repeated)
+    h, w = g.shape
+    hi_r, lo_r = pad[:, 0:w].copy(), pad[:, 0:w].copy()
+    for k in range(1, size):
+        np.maximum(hi_r, pad[:, k: k + w], out=hi_r)
+        np.minimum(lo_r, pad[:, k: k + w], out=lo_r)
+    hi, lo = hi_r[0:h].copy(), lo_r[0:h].copy()
+    for k in range(1, size):
+        np.maximum(hi, hi_r[k: k + h], out=hi)
+        np.minimum(lo, lo_r[k: k + h], out=lo)
+    return hi - lo
+
+
+def _window_max(a: np.ndarray, sy: int, sx: int) -> np.ndarray:
+    """``maximum_filter(a, size=(sy, sx), mode="constant")`` (cval 0) for ``a >= 0``, by shifted slices."""
+    ry, rx = sy // 2, sx // 2
+    pad = np.pad(a, ((ry, sy - 1 - ry), (rx, sx - 1 - rx)))
+    h, w = a.shape
+    m = pad[:, 0:w].copy()
+    for k in range(1, sx):
+        np.maximum(m, pad[:, k: k + w], out=m)
+    out = m[0:h].copy()
+    for k in range(1, sy):
+        np.maximum(out, m[k: k + h], out=out)
+    return out
 
 
 def polygon_mask(shape: Sequence[int], polygon: np.ndarray) -> np.ndarray:
@@ -292,17 +337,26 @@ def _detrend(x: np.ndarray, y: np.ndarray, v: np.ndarray, usable: np.ndarray,
     return v - plane, float(plane.max() - plane.min()), _robust_sigma(r[keep]) if keep.any() else 0.0
 
 
+def _fit_line(t: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares ``(a, b)`` of ``y = a + b t`` (closed form; ``np.polyfit`` costs ~10x more)."""
+    tm, ym = float(t.mean()), float(y.mean())
+    dt = t - tm
+    var = float(dt @ dt)
+    b = float(dt @ (y - ym)) / var if var > 0 else 0.0
+    return ym - b * tm, b
+
+
 def _robust_line(t: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Intercept and slope of ``y = a + b t`` by least squares with outliers (> 0.75 px) dropped."""
     keep = np.ones(t.size, dtype=bool)
-    b, a = np.polyfit(t, y, 1)
+    a, b = _fit_line(t, y)
     for _ in range(3):
         r = np.abs(y - (a + b * t))
         new = r <= max(0.75, 2.5 * 1.4826 * float(_median(r)))
         if new.sum() < 8 or (new == keep).all():
             break
         keep = new
-        b, a = np.polyfit(t[keep], y[keep], 1)
+        a, b = _fit_line(t[keep], y[keep])
     return float(a), float(b)
 
 
@@ -328,17 +382,24 @@ class _Detector:
         self.h, self.w = g.shape
         self.half = max(4, round(6 * max(self.h, self.w) / 256))  # across-profile half length (px)
         self.offsets = np.arange(-self.half, self.half + 1, dtype=np.float64)
-        yy, xx = np.mgrid[0: self.h, 0: self.w]
-        self.xx = xx.astype(np.float32)
-        self.yy = yy.astype(np.float32)
         self.log: list[tuple[float, float, str]] = []  # (angle of n, offset, why rejected) for debugging
         self.borders: list[CarrierSide] = []  # lines with a straight step border (exterior not checked)
         self._cache: dict[tuple[float, float, float], Any] = {}
-        # bone-like pixels: bright (above Yen's threshold) and textured; flat bright (unexposed
-        # collimator bands, label boxes) is not bone
-        t_bone = float(threshold_yen(g))
-        local_range = ndi.maximum_filter(g, size=5) - ndi.minimum_filter(g, size=5)
-        self.bony = (g >= t_bone) & (local_range >= 0.05)
+
+    # pixel grids and the bone map are needed only by the few lines that reach the exterior tests
+    @functools.cached_property
+    def xx(self) -> np.ndarray:
+        return np.broadcast_to(np.arange(self.w, dtype=np.float32)[None, :], (self.h, self.w))
+
+    @functools.cached_property
+    def yy(self) -> np.ndarray:
+        return np.broadcast_to(np.arange(self.h, dtype=np.float32)[:, None], (self.h, self.w))
+
+    @functools.cached_property
+    def bony(self) -> np.ndarray:
+        """Bone-like pixels: bright (above Yen's threshold) and textured; flat bright (unexposed
+        collimator bands, label boxes) is not bone."""
+        return (self.g >= float(threshold_yen(self.g))) & (local_range(self.g, 5) >= 0.05)
 
     def _reject(self, n: np.ndarray, c: float, why: str) -> None:
         self.log.append((math.degrees(math.atan2(n[1], n[0])), c, why))
@@ -379,16 +440,34 @@ class _Detector:
                 return None
             pts, d, prof = fp
             return pts[::-1], -d, prof[::-1, ::-1]
-        pts, d = _line_points(n, c, self.h, self.w)
-        res = None
-        if pts is not None:
-            coords = pts[:, None, :] + self.offsets[None, :, None] * n[None, None, :]  # (T, K, 2) (x, y)
-            prof = ndi.map_coordinates(self.g, [coords[..., 1].ravel(), coords[..., 0].ravel()], order=1,
-                                       mode="nearest").reshape(coords.shape[:2])
-            res = (pts, d, prof)
-        if len(self._cache) < 4096:
-            self._cache[key] = res
-        return res
+        self._sample([(n, c)])
+        return self._cache.get(key)
+
+    def _sample(self, lines: Sequence[tuple[np.ndarray, float]]) -> None:
+        """Across-line profiles of ``lines`` (one interpolation call for all), into the cache."""
+        keys, parts = [], []
+        for n, c in lines:
+            key = (round(float(n[0]), 9), round(float(n[1]), 9), round(float(c), 6))
+            pts, d = _line_points(n, c, self.h, self.w)
+            if pts is None:
+                res = None
+            else:
+                coords = pts[:, None, :] + self.offsets[None, :, None] * n[None, None, :]  # (T, K, 2) (x, y)
+                parts.append(coords.reshape(-1, 2))
+                res = (pts, d, None)
+            keys.append((key, res))
+        if parts:
+            coords = np.concatenate(parts)
+            values = ndi.map_coordinates(self.g, [coords[:, 1], coords[:, 0]], order=1, mode="nearest")
+        start = 0
+        for key, res in keys:
+            if res is not None:
+                pts, d, _ = res
+                size = pts.shape[0] * self.offsets.size
+                res = (pts, d, values[start: start + size].reshape(pts.shape[0], self.offsets.size))
+                start += size
+            if len(self._cache) < 4096:
+                self._cache[key] = res
 
     def _edge_positions(self, prof: np.ndarray, inner: np.ndarray, outer: np.ndarray,
                         sign: float) -> tuple[np.ndarray, np.ndarray]:
@@ -564,17 +643,67 @@ class _Detector:
         acc, angles, dists = hough_line(edges, theta=theta)
         min_votes = max(8, int(0.5 * p.min_length * min(self.h, self.w)))
         # local maxima (7 distances x 9 angles) above min_votes, strongest first
-        peak = (acc == ndi.maximum_filter(acc, size=(7, 9), mode="constant")) & (acc >= min_votes)
+        peak = (acc == _window_max(acc.astype(np.int32), 7, 9)) & (acc >= min_votes)
         i_d, i_t = np.nonzero(peak)
         order = np.argsort(-acc[i_d, i_t], kind="stable")[: p.num_peaks]
         return [(np.array([math.cos(angles[t]), math.sin(angles[t])]), float(dists[dd]))
                 for dd, t in zip(i_d[order], i_t[order], strict=True)]
 
+    def _screen(self, lines: list[tuple[np.ndarray, float]]) -> np.ndarray:
+        """(L, 2) bool: whether ``(n, c)`` (column 0) and ``(-n, -c)`` (column 1) pass the first checks.
+
+        A batched replica of the first pass of :meth:`evaluate` (a contrast, a step edge on the line,
+        a uniform exterior band along enough of it) on all lines at once; most Hough lines fail it,
+        and only the others are evaluated one by one.
+        """
+        p, k = self.p, self.half
+        self._sample(lines)
+        profs = [self._cache.get((round(float(n[0]), 9), round(float(n[1]), 9), round(float(c), 6)))
+                 for n, c in lines]
+        ok = np.zeros((len(lines), 2), dtype=bool)
+        live = [i for i, r in enumerate(profs) if r is not None]
+        if not live:
+            return ok
+        t_max = max(profs[i][2].shape[0] for i in live)
+        prof = np.full((len(live), t_max, self.offsets.size), np.nan, dtype=np.float32)
+        for j, i in enumerate(live):
+            prof[j, : profs[i][2].shape[0]] = profs[i][2]
+        prof = np.concatenate([prof, prof[:, :, ::-1]])  # exterior on +n, then on -n (reversed offsets)
+        with np.errstate(invalid="ignore"):
+            inner = prof[:, :, : k - 1].mean(axis=2)
+            outer = prof[:, :, k + 2:].mean(axis=2)
+            diff = outer - inner  # NaN on padding rows: every comparison below is False there
+            big = np.abs(diff) >= p.min_contrast
+            n_big = big.sum(axis=1)
+            rows = np.arange(prof.shape[0])
+            contrast = np.sort(np.where(big, diff, np.inf), axis=1)[rows, np.minimum(n_big // 2, t_max - 1)]
+            sign = np.where(contrast > 0, 1.0, -1.0).astype(np.float32)
+            z = sign[:, None, None] * (prof - (0.5 * (inner + outer))[:, :, None])
+            up = (z[:, :, :-1] < 0) & (z[:, :, 1:] >= 0)
+            cross = np.where(up, self.offsets[:-1] + (-z[:, :, :-1]) / np.where(up, z[:, :, 1:] - z[:, :, :-1], 1.0),
+                             np.inf)
+            pos = np.take_along_axis(cross, np.argmin(np.abs(cross), axis=2)[:, :, None], axis=2)[:, :, 0]
+            good = (sign[:, None] * diff > 0.5 * np.abs(contrast)[:, None]) & (np.abs(pos) <= 2.5)
+            n_good = good.sum(axis=1)
+            med = np.sort(np.where(good, outer, np.inf), axis=1)[rows, np.minimum(n_good // 2, t_max - 1)]
+            tol = np.maximum(0.03, 0.25 * np.abs(contrast))
+            n_uniform = (good & (np.abs(outer - med[:, None]) <= tol[:, None])).sum(axis=1)
+        along = np.array([self.w if abs(lines[i][0][1]) > abs(lines[i][0][0]) else self.h for i in live] * 2)
+        need = 0.6 * p.min_length * along
+        passed = (n_big >= 8) & (n_good >= np.maximum(8, need)) & (n_uniform >= need)
+        ok[live, 0] = passed[: len(live)]
+        ok[live, 1] = passed[len(live):]
+        return ok
+
     def run(self) -> list[CarrierSide]:
         sides: list[CarrierSide] = []
-        for n, c in self.candidates():
-            for s in (1.0, -1.0):
-                side = self.evaluate(s * n, s * c)
+        lines = self.candidates()
+        if not lines:
+            return sides
+        screen = self._screen(lines)
+        for (n, c), ok in zip(lines, screen, strict=True):
+            for s, keep in zip((1.0, -1.0), ok, strict=True):
+                side = self.evaluate(s * n, s * c) if keep else None
                 if side is not None:
                     sides.append(side)
         return sides
@@ -733,7 +862,7 @@ def detect_carrier(
                 edge_tolerance, max_residual, angle_tolerance, num_peaks)
     if min(shape) < 16:
         return CarrierResult(False, None, whole, shape, reason="image too small")
-    small, factor, offset = work_copy(np.nan_to_num(arr.astype(np.float32, copy=False)), work_size)
+    small, factor, offset = work_copy(finite(arr), work_size)
     g = ndi.gaussian_filter(small, 1.0)
     if float(g.max() - g.min()) < 2 * min_contrast:
         return CarrierResult(False, None, whole, shape, reason="no contrast")

@@ -50,7 +50,7 @@ from monai.utils import TransformBackends, convert_data_type, convert_to_dst_typ
 from scipy import ndimage as ndi
 from skimage import exposure, filters
 
-from preprocessing.carrier import CarrierResult, detect_carrier, polygon_mask, work_copy
+from preprocessing.carrier import CarrierResult, detect_carrier, finite, local_range, polygon_mask, work_copy
 
 __all__ = [
     "segment_body_part",
@@ -115,13 +115,16 @@ def _background_ceiling(g: np.ndarray, t: float) -> float:
     return mode + 5.0 * max(sigma, 0.002) + 0.01
 
 
-def _correlation_distance(a: np.ndarray, m: np.ndarray) -> float:
-    """``1 - pearson(a, m)``; 1 for a constant mask."""
-    mf = m.astype(np.float32)
-    sm = float(mf.std())
-    if sm == 0.0:
-        return 1.0
-    return 1.0 - float(np.mean((a - a.mean()) * (mf - mf.mean()))) / (float(a.std()) * sm + 1e-12)
+def _correlation_distances(a: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
+    """``1 - pearson(a, m)`` for each mask ``m`` (same shape as ``a``); 1 for a constant mask."""
+    ac, sa = a - a.mean(), float(a.std())
+    out = np.ones(len(masks))
+    for i, m in enumerate(masks):
+        mf = m.astype(np.float32)
+        sm = float(mf.std())
+        if sm != 0.0:
+            out[i] = 1.0 - float(np.mean(ac * (mf - mf.mean()))) / (sa * sm + 1e-12)
+    return out
 
 
 def _flat_bright(g: np.ndarray, valid: np.ndarray, t: float, min_area: float, grow: int = 4) -> np.ndarray:
@@ -132,7 +135,7 @@ def _flat_bright(g: np.ndarray, valid: np.ndarray, t: float, min_area: float, gr
     band, so the region must span >= 60 % of the frame side it lies along, lie along it (not just
     touch it with one end, as a long bone does) and fill >= 50 % of its bounding box. The result is grown by ``grow`` px into the band's bright ramp (penumbra).
     """
-    rng = ndi.maximum_filter(g, size=5) - ndi.minimum_filter(g, size=5)
+    rng = local_range(g, 5)
     flat = (rng < 0.04) & (g >= t) & valid
     if not flat.any():
         return flat
@@ -177,13 +180,13 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, f_values: Sequence[float], t
     lows = lows or [t]
     eq = exposure.equalize_hist(g, nbins=256, mask=valid).astype(np.float32)
     ref = eq[valid]
-    masks = [filters.apply_hysteresis_threshold(g, low, t) & valid for low in lows]
-    dist = np.array([_correlation_distance(ref, m[valid]) for m in masks])
+    masks = [_hysteresis(g, low, t) & valid for low in lows]
+    dist = _correlation_distances(ref, [m[valid] for m in masks])
     ok = np.flatnonzero(dist <= dist.min() + tolerance)  # the largest mask near the best correlation
     mask = masks[int(ok[0])]
     mask &= ~_flat_bright(g, valid, t, 0.01 * g.size)
     if opening_radius > 0:
-        opened = ndi.binary_opening(mask, structure=_disk(opening_radius))
+        opened = _opening(mask, opening_radius)
         mask = opened if opened.any() else mask
     lab, n = ndi.label(mask)
     if n == 0:
@@ -202,7 +205,7 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, f_values: Sequence[float], t
         raise _no_body(reason)
     keep = sizes >= keep_fraction * sizes.max()
     keep[0] = False
-    return ndi.binary_fill_holes(keep[lab])
+    return _fill_holes(keep[lab])
 
 
 def _is_flat(g: np.ndarray, comp: np.ndarray, tol: float = 0.05) -> bool:
@@ -242,6 +245,25 @@ def _edge_of(valid: np.ndarray) -> np.ndarray:
     return edge
 
 
+def _opening(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``ndi.binary_opening(mask, structure=_disk(radius))`` (outside the image is background).
+
+    The radius-2 disc (the default at 256 px) is the 5x5 square minus its corners = 3x3 square (+)
+    cross, so erosion and dilation become a few shifted logical ops (~5x faster).
+    """
+    if radius != 2:
+        return ndi.binary_opening(mask, structure=_disk(radius))
+
+    def morph(m: np.ndarray, op: Any) -> np.ndarray:
+        p = np.pad(m, 2)
+        r = op(op(p[:, :-2], p[:, 1:-1]), p[:, 2:])
+        sq = op(op(r[:-2], r[1:-1]), r[2:])  # 3x3 square, (h + 2, w + 2)
+        c = sq[1:-1, 1:-1]
+        return op(op(op(c, sq[:-2, 1:-1]), op(sq[2:, 1:-1], sq[1:-1, :-2])), sq[1:-1, 2:])  # then the cross
+
+    return morph(morph(np.asarray(mask, dtype=bool), np.logical_and), np.logical_or)
+
+
 def _disk(radius: int) -> np.ndarray:
     r = int(radius)
     yy, xx = np.mgrid[-r: r + 1, -r: r + 1]
@@ -254,7 +276,30 @@ def _upsample(mask: np.ndarray, shape: Sequence[int], factor: float, offset: flo
         return mask
     rows = np.clip(np.rint((np.arange(shape[0]) - offset) / factor), 0, mask.shape[0] - 1).astype(np.intp)
     cols = np.clip(np.rint((np.arange(shape[1]) - offset) / factor), 0, mask.shape[1] - 1).astype(np.intp)
-    return mask[rows[:, None], cols[None, :]]
+    return mask.take(rows, axis=0).take(cols, axis=1)
+
+
+def _hysteresis(g: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``skimage.filters.apply_hysteresis_threshold(g, low, high)``: components (4-connected) of
+    ``g > low`` holding a pixel ``> high``; selected by indexing instead of per-label sums (~3x faster)."""
+    lab, n = ndi.label(g > low)
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[lab[g > high]] = True
+    keep[0] = False
+    return keep[lab]
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes(mask)``: background components (4-connected) not touching the frame
+    become foreground; one labelling instead of an iterated dilation."""
+    lab, n = ndi.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, dtype=bool)
+    for border in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
+        outside[border] = True
+    outside[0] = False
+    return ~outside[lab]
 
 
 def segment_body_part(
@@ -292,7 +337,7 @@ def segment_body_part(
     if arr.ndim != 2:
         msg = f"segment_body_part: expected an (H, W) or (1, H, W) image, got shape {tuple(arr.shape)}"
         raise ValueError(msg)
-    arr = np.nan_to_num(arr.astype(np.float32, copy=False))
+    arr = finite(arr)
     if arr.size == 0 or float(arr.max() - arr.min()) < 1e-6:
         reason = "the image is constant"
         raise _no_body(reason)
