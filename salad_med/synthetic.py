@@ -106,6 +106,10 @@ class PhantomSpec:
         noise: standard deviation of the Gaussian noise in display units ([0, 1]).
         patient_id: e.g. ``"patient00001"`` (default derived from the seed).
         study: study within the patient and body part, e.g. ``"study1"`` (default ``"study1"``).
+        anomaly_scale: conspicuity of the anomaly, a size multiplier in ``[0.25, 8]``: fracture gap
+            width, lesion radii, implant length/thickness and screw size (1 = the default, realistic
+            small anomaly; 3-4 makes it clearly visible after a 512 -> 64 downsampling). The anomaly
+            stays inside the body part.
     """
 
     height: int = 512
@@ -121,6 +125,7 @@ class PhantomSpec:
     noise: float = 0.015
     patient_id: str | None = None
     study: str | None = None
+    anomaly_scale: float = 1.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -138,6 +143,8 @@ class PhantomSpec:
             problems.append(f"bits_stored {self.bits_stored} not in (8, 12, 16)")
         if not 0.0 <= float(self.noise) <= 0.2:
             problems.append(f"noise {self.noise} outside [0, 0.2]")
+        if not 0.25 <= float(self.anomaly_scale) <= 8.0:
+            problems.append(f"anomaly_scale {self.anomaly_scale} outside [0.25, 8]")
         if problems:
             msg = "invalid PhantomSpec: " + "; ".join(problems)
             raise ValueError(msg)
@@ -635,24 +642,30 @@ def _render_bone(shape, bone: _Bone, amp: float, med_amp: float):
     return sl, val.astype(np.float32), d < r, s, n
 
 
-def _bone_defect(kind: str, bone: _Bone, s, n, inside, par: np.ndarray):
-    """Multiplicative factor and mask of a fracture gap or a lytic lesion on one bone window."""
+def _bone_defect(kind: str, bone: _Bone, s, n, inside, par: np.ndarray, scale: float = 1.0):
+    """Multiplicative factor and mask of a fracture gap or a lytic lesion on one bone window.
+
+    ``scale`` multiplies the gap half-width (fracture) or the ellipse radii (lesion).
+    """
     s0 = (0.3 + 0.4 * par[0]) * bone.length
     if kind == "fracture":  # a line across the bone, +-35 degrees off perpendicular
         phi = math.radians(-35 + 70 * par[1])
         dist = np.abs((s - s0) * math.cos(phi) + n * math.sin(phi))
-        gap = max(0.6, bone.r * (0.12 + 0.12 * par[2]))
+        gap = max(0.6, bone.r * (0.12 + 0.12 * par[2])) * scale
         return np.clip(dist - gap, 0.0, 1.0), (dist <= gap + 0.5) & inside
-    ra = max(1.5, bone.r * (0.55 + 0.25 * par[1]))  # across
-    rb = max(2.0, bone.r * (0.9 + 1.0 * par[2]))  # along
+    ra = max(1.5, bone.r * (0.55 + 0.25 * par[1])) * scale  # across
+    rb = max(2.0, bone.r * (0.9 + 1.0 * par[2])) * scale  # along
     off = (par[3] - 0.5) * 0.4 * bone.r
     e = ((s - s0) / rb) ** 2 + ((n - off) / ra) ** 2
     depth = 0.7 + 0.2 * par[4]
     return 1.0 - depth * np.clip(1.0 - e, 0.0, 1.0) ** 0.25, (e < 0.8) & inside
 
 
-def _implant_mask(shape, bone: _Bone, par: np.ndarray) -> np.ndarray:
-    """(H, W) bool of a plate with 2-4 screws on the cortex, or a single lag screw / nail."""
+def _implant_mask(shape, bone: _Bone, par: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """(H, W) bool of a plate with 2-4 screws on the cortex, or a single lag screw / nail.
+
+    ``scale`` multiplies the plate/nail length (capped by the bone length) and thickness and the screw size.
+    """
     length = bone.length
     axis = (bone.p1 - bone.p0) / max(length, 1e-6)
     perp = np.array([-axis[1], axis[0]])
@@ -660,17 +673,18 @@ def _implant_mask(shape, bone: _Bone, par: np.ndarray) -> np.ndarray:
     r = bone.r
     rects = []  # (centre, half-length direction, half-width direction, half length, half width)
     if par[1] < 0.6:
-        half_len = min(0.45 * length, r * (2.5 + 2 * par[2]))
-        th = max(1.0, 0.35 * r)
+        half_len = min(0.45 * length, r * (2.5 + 2 * par[2]) * scale)
+        th = max(1.0, 0.35 * r) * scale
         side = 1.0 if par[3] < 0.5 else -1.0
         pc = centre + perp * side * (r + 0.3 * th)
         rects.append((pc, axis, perp, half_len, th / 2 + 0.5))
         for s_off in np.linspace(-0.75, 0.75, 2 + int(par[4] * 3)) * half_len:
-            rects.append((pc + axis * s_off - perp * side * r * 0.9, perp, axis, r * 1.15, max(0.7, 0.12 * r)))
+            rects.append((pc + axis * s_off - perp * side * r * 0.9, perp, axis, r * 1.15,
+                          max(0.7, 0.12 * r) * scale))
     else:
         dirv = perp if par[2] < 0.5 else axis
-        half_len = r * 1.2 if par[2] < 0.5 else min(0.4 * length, r * 4)
-        rects.append((centre, dirv, np.array([-dirv[1], dirv[0]]), half_len, max(0.8, 0.18 * r)))
+        half_len = r * 1.2 if par[2] < 0.5 else min(0.4 * length, r * 4 * scale)
+        rects.append((centre, dirv, np.array([-dirv[1], dirv[0]]), half_len, max(0.8, 0.18 * r) * scale))
     mask = np.zeros(shape, dtype=bool)
     for cen, a_dir, b_dir, hl, hw in rects:
         corners = np.array([cen + a_dir * sa * hl + b_dir * sb * hw for sa, sb in ((-1, -1), (1, -1), (1, 1), (-1, 1))])
@@ -780,11 +794,11 @@ def make_phantom(spec: PhantomSpec, seed: int) -> Phantom:
         order = rng.choice(len(pool), size=len(pool), replace=False, p=weights / weights.sum())
         for target in (pool[int(j)] for j in order):
             if spec.anomaly == "implant":
-                implant_mask = _implant_mask(shape, bones[target], par) & (soft_mask | bone_mask)
+                implant_mask = _implant_mask(shape, bones[target], par, spec.anomaly_scale) & (soft_mask | bone_mask)
                 anomaly_mask = implant_mask
             else:
                 sl, val, inside, s, n = pieces[target]
-                factor, region = _bone_defect(spec.anomaly, bones[target], s, n, inside, par)
+                factor, region = _bone_defect(spec.anomaly, bones[target], s, n, inside, par, spec.anomaly_scale)
                 others = np.zeros(inside.shape, dtype=bool)
                 for i, p in enumerate(pieces):
                     if i != target and p is not None:
@@ -947,6 +961,7 @@ def write_mura_tree(
     valid_fraction: float = 0.25,
     inverted_fraction: float = 0.1,
     bits: int = 8,
+    anomaly_scale: float = 1.0,
 ) -> pd.DataFrame:
     """Write a MURA-v1.1-like PNG tree of phantoms with ground truth.
 
@@ -978,6 +993,7 @@ def write_mura_tree(
         valid_fraction: fraction of patients in ``splits[1]``.
         inverted_fraction: fraction of images stored MONOCHROME1-style (inverted).
         bits: 8 (MURA) or 16 bit PNGs.
+        anomaly_scale: :attr:`PhantomSpec.anomaly_scale` of every abnormal image (1 = default size).
 
     Returns:
         DataFrame, one row per image: ``image_id, path`` (relative to ``root``), ``source_path``
@@ -1034,7 +1050,7 @@ def write_mura_tree(
                 rng, height=size[0], width=size[1], body_part=bp,
                 anomaly=ANOMALIES[int(rng.integers(len(ANOMALIES)))] if pos else None,
                 monochrome1=bool(rng.random() < inverted_fraction), bits_stored=bits,
-                patient_id=pid, study=f"study{sno}",
+                patient_id=pid, study=f"study{sno}", anomaly_scale=anomaly_scale,
             )
             ph = make_phantom(spec, img_seed)
             rel = f"{study_rel}image{k}.png"
@@ -1236,14 +1252,16 @@ def _hash_int(*parts) -> int:
 
 
 def write_dicom_tree(root: str | os.PathLike, n: int = 12, seed: int = 0,
-                     size: tuple[int, int] = (512, 416)) -> pd.DataFrame:
+                     size: tuple[int, int] = (512, 416), anomaly_scale: float = 1.0,
+                     body_parts: Sequence[str] = BODY_PARTS) -> pd.DataFrame:
     """Write ``n`` phantom DICOM files with ground truth under ``root``.
 
     A deterministic mix cycling through MONOCHROME1/2, 8/12/16 bits, CR/DX, three transfer syntaxes
     (explicit/implicit little endian, RLE lossless) and non-trivial rescale slope/intercept. Each
     patient has one study (same StudyInstanceUID, body part and label) of up to two views; the two
     views deliberately differ in photometric interpretation and bit depth. Layout: ``root/<patient_id>/<image_id>.dcm``, ``root/truth/<image_id>.npz``,
-    ``root/truth.csv``.
+    ``root/truth.csv``. ``anomaly_scale`` is :attr:`PhantomSpec.anomaly_scale` of the abnormal files;
+    ``body_parts`` the body parts drawn from.
 
     Returns:
         DataFrame, one row per file: ``image_id, path`` (relative), ``source_path`` (absolute),
@@ -1261,11 +1279,12 @@ def write_dicom_tree(root: str | os.PathLike, n: int = 12, seed: int = 0,
         pnum = 1 + i // 2
         pid = f"patient{90000 + pnum:05d}"
         if i % 2 == 0:  # one study of (up to) two views per patient: same body part and label
-            body_part = BODY_PARTS[int(rng.integers(len(BODY_PARTS)))]
+            body_part = body_parts[int(rng.integers(len(body_parts)))]
             anomaly = ANOMALIES[int(rng.integers(3))] if rng.random() < 0.4 else None
         bits = (8, 12, 16)[i % 3]
         spec = random_spec(rng, height=size[0], width=size[1], bits_stored=bits, monochrome1=bool(i % 2),
-                           body_part=body_part, anomaly=anomaly, patient_id=pid, study="study1")
+                           body_part=body_part, anomaly=anomaly, patient_id=pid, study="study1",
+                           anomaly_scale=anomaly_scale)
         ph = make_phantom(spec, int(rng.integers(2**31)))
         modality = ("CR", "DX")[(i // 2) % 2]
         ts = ts_names[i % len(ts_names)]
@@ -1294,7 +1313,8 @@ def write_dicom_tree(root: str | os.PathLike, n: int = 12, seed: int = 0,
 
 def generate_demo_dataset(output_dir: str | os.PathLike, n_patients: int = 40,
                           size: tuple[int, int] | int = (256, 208), seed: int = 0,
-                          n_dicom: int = 6) -> pd.DataFrame:
+                          n_dicom: int = 6, anomaly_scale: float = 1.0,
+                          body_parts: Sequence[str] = BODY_PARTS) -> pd.DataFrame:
     """Write the offline demo dataset: a MURA-v1.1 PNG tree and a few DICOM files, with truth.
 
     Layout: ``output_dir/mura/`` (see :func:`write_mura_tree`; point MURA tools at it) and
@@ -1306,6 +1326,8 @@ def generate_demo_dataset(output_dir: str | os.PathLike, n_patients: int = 40,
         size: (H, W) or one int (square) image size.
         seed: deterministic seed.
         n_dicom: number of DICOM files (0 = none).
+        anomaly_scale: :attr:`PhantomSpec.anomaly_scale` of the abnormal images (1 = default size).
+        body_parts: body parts drawn from (both parts).
 
     Returns:
         The truth rows of both parts concatenated, with a ``format`` column (``"png"`` / ``"dicom"``)
@@ -1313,12 +1335,14 @@ def generate_demo_dataset(output_dir: str | os.PathLike, n_patients: int = 40,
     """
     out = Path(output_dir)
     hw = (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
-    mura = write_mura_tree(out / "mura", n_patients=n_patients, seed=seed, size=hw)
+    mura = write_mura_tree(out / "mura", n_patients=n_patients, seed=seed, size=hw,
+                           body_parts=body_parts, anomaly_scale=anomaly_scale)
     mura.insert(0, "format", "png")
     mura["tree_root"] = str((out / "mura").resolve())
     frames = [mura]
     if n_dicom:
-        dcm = write_dicom_tree(out / "dicom", n=n_dicom, seed=seed + 1, size=hw)
+        dcm = write_dicom_tree(out / "dicom", n=n_dicom, seed=seed + 1, size=hw, anomaly_scale=anomaly_scale,
+                               body_parts=body_parts)
         dcm.insert(0, "format", "dicom")
         dcm["tree_root"] = str((out / "dicom").resolve())
         frames.append(dcm)

@@ -278,10 +278,13 @@ class SaladTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.sampler = ShardedEpochSampler(len(train_ds), seed=cfg.seed)
         # train.batch_size is the global batch: each rank loads batch_size / world_size images
-        self.train_loader = DataLoader(train_ds, batch_size=local_batch_size(t.batch_size, self.ctx.world_size),
-                                       sampler=self.sampler,
+        local_batch = local_batch_size(t.batch_size, self.ctx.world_size)
+        # a 1-image last batch breaks BatchNorm in training mode: drop it (one image per epoch; the
+        # permutation changes every epoch, so every image is still visited)
+        self.train_loader = DataLoader(train_ds, batch_size=local_batch, sampler=self.sampler,
                                        num_workers=cfg.data.num_workers, generator=self.generator,
-                                       pin_memory=self.cuda, drop_last=False)
+                                       pin_memory=self.cuda,
+                                       drop_last=local_batch > 1 and len(self.sampler) % local_batch == 1)
         # validation is sharded over the ranks (in order) and gathered before the metric
         self.val_loader = DataLoader(val_ds, batch_size=max(2 * t.batch_size, 32),
                                      sampler=ShardedEpochSampler(len(val_ds), shuffle=False),

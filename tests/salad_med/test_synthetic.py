@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -356,3 +357,40 @@ def test_speed_512():
     per = (time.perf_counter() - t0) / len(specs)
     assert per < 0.1, f"{per * 1000:.1f} ms per 512x416 phantom"  # ~15 ms typical; loose for shared CPUs
     assert math.isfinite(per)
+
+
+@pytest.mark.parametrize("anomaly", ANOMALIES)
+def test_anomaly_scale_grows_anomaly_and_keeps_truth(anomaly):
+    """anomaly_scale enlarges the anomaly (summed over seeds), which stays inside the body part;
+    everything but the anomaly is drawn identically."""
+    areas = {}
+    for scale in (1.0, 4.0):
+        total = 0
+        for seed in range(6):
+            spec = PhantomSpec(height=128, width=112, body_part=("XR_FOREARM", "XR_HUMERUS")[seed % 2],
+                               anomaly=anomaly, anomaly_scale=scale)
+            ph = make_phantom(spec, seed)
+            assert ph.anomaly_mask.any() and not (ph.anomaly_mask & ~ph.body_mask).any()
+            base = make_phantom(dataclasses.replace(spec, anomaly_scale=1.0), seed)
+            assert (ph.carrier_mask == base.carrier_mask).all() and (ph.bone_mask == base.bone_mask).all()
+            total += int(ph.anomaly_mask.sum())
+        areas[scale] = total
+    assert areas[4.0] > 1.8 * areas[1.0], areas
+
+
+def test_anomaly_scale_default_and_validation(tmp_path):
+    rng = np.random.default_rng(5)
+    spec = random_spec(rng, height=96, width=80, anomaly="lesion")
+    assert spec.anomaly_scale == 1.0
+    assert random_spec(np.random.default_rng(5), height=96, width=80, anomaly="lesion", anomaly_scale=2.0) == \
+        dataclasses.replace(spec, anomaly_scale=2.0)  # the rng is consumed the same way
+    for bad in (0.1, 9.0):
+        with pytest.raises(ValueError, match="anomaly_scale"):
+            PhantomSpec(anomaly_scale=bad)
+    df = write_mura_tree(tmp_path / "m", n_patients=4, seed=1, size=(64, 64), abnormal_fraction=0.5,
+                         body_parts=("XR_FOREARM",), anomaly_scale=3.0)
+    pos = df[df.label == 1]
+    assert len(pos) > 0 and set(df.body_part) == {"XR_FOREARM"}
+    for row in pos.itertuples():
+        truth = load_truth(tmp_path / "m" / row.truth_path)
+        assert truth["anomaly_mask"].any() and not (truth["anomaly_mask"] & ~truth["body_mask"]).any()

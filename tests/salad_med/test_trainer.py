@@ -203,3 +203,18 @@ def test_val_every_and_resume_before_first_validation(split, cache, tmp_path):
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert metrics["val_auc"].isna().tolist() == [True, False]
     assert load_run(tmp_path / "run").epoch == 2
+
+
+def test_one_image_last_batch_is_dropped_not_fatal(split, cache, tmp_path):
+    """BatchNorm cannot train on a 1-image batch: with N = k * batch + 1 that batch is dropped."""
+    cfg = _cfg("train.max_steps_per_epoch=0", "train.pretrain_epochs=1", "train.rounds=0")
+    train, val = _datasets(cfg, split, cache)
+    batch = len(train) - 1  # N = 1 * batch + 1
+    cfg = _cfg("train.max_steps_per_epoch=0", "train.pretrain_epochs=1", "train.rounds=0",
+               f"train.batch_size={batch}")
+    trainer = SaladTrainer(cfg, train, val, tmp_path / "run")
+    assert trainer.train_loader.drop_last and len(trainer.train_loader) == 1
+    trainer.fit()
+    assert trainer.global_step == 1
+    even = SaladTrainer(_cfg("train.batch_size=2"), train, val, tmp_path / "even")
+    assert even.train_loader.drop_last == (len(train) % 2 == 1)
