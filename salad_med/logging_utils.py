@@ -22,6 +22,18 @@ def get_logger(name: str | None = None) -> logging.Logger:
     return logging.getLogger(_LOGGER_NAME if not name else f"{_LOGGER_NAME}.{name}")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (test runners swap and close it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # StreamHandler.__init__ assigns it; always follow sys.stderr
+        pass
+
+
 def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
     """Set up stderr logging once: INFO by default, DEBUG with ``verbose``, WARNING with ``quiet``."""
     _state["quiet"] = quiet
@@ -29,7 +41,7 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
     logger = get_logger()
     logger.setLevel(level)
     if not any(getattr(h, "_salad_med", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         handler._salad_med = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

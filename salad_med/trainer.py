@@ -280,11 +280,13 @@ class SaladTrainer:
         # train.batch_size is the global batch: each rank loads batch_size / world_size images
         local_batch = local_batch_size(t.batch_size, self.ctx.world_size)
         # a 1-image last batch breaks BatchNorm in training mode: drop it (one image per epoch; the
-        # permutation changes every epoch, so every image is still visited)
+        # permutation changes every epoch, so every image is still visited). Other norms keep it.
+        has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         self.train_loader = DataLoader(train_ds, batch_size=local_batch, sampler=self.sampler,
                                        num_workers=cfg.data.num_workers, generator=self.generator,
                                        pin_memory=self.cuda,
-                                       drop_last=local_batch > 1 and len(self.sampler) % local_batch == 1)
+                                       drop_last=has_batchnorm and local_batch > 1
+                                       and len(self.sampler) % local_batch == 1)
         # validation is sharded over the ranks (in order) and gathered before the metric
         self.val_loader = DataLoader(val_ds, batch_size=max(2 * t.batch_size, 32),
                                      sampler=ShardedEpochSampler(len(val_ds), shuffle=False),

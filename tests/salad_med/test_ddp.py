@@ -232,7 +232,12 @@ def test_ddp_two_processes_equal_single_process_and_resume(tmp_path):
     # ... finished by the unchanged CLI under torchrun
     proc = torchrun(["-m", "salad_med", "--quiet", "train", "--output", str(ddp_run), "--resume"])
     # reference: one process, same global batch and seed, uninterrupted
-    ref = record_run(split, tmp_path / "single_run", ddp_overrides(), stop_after=None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks run with 1 thread each: same reduction order for the reference
+    try:
+        ref = record_run(split, tmp_path / "single_run", ddp_overrides(), stop_after=None)
+    finally:
+        torch.set_num_threads(threads)
 
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world"] for r in ranks} == {2}

@@ -218,3 +218,5 @@ def test_one_image_last_batch_is_dropped_not_fatal(split, cache, tmp_path):
     assert trainer.global_step == 1
     even = SaladTrainer(_cfg("train.batch_size=2"), train, val, tmp_path / "even")
     assert even.train_loader.drop_last == (len(train) % 2 == 1)
+    group = SaladTrainer(_cfg(f"train.batch_size={batch}", "model.norm=group"), train, val, tmp_path / "group")
+    assert not group.train_loader.drop_last  # no BatchNorm: every image of every epoch is used
