@@ -882,16 +882,9 @@ def write_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     Raises:
         ValueError: not a 2-D uint8/uint16 array.
     """
-    from PIL import Image
+    from salad_med.preprocess_job import write_png as _write_png
 
-    arr = np.asarray(image)
-    if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):
-        msg = f"write_png {path}: need a 2-D uint8/uint16 array, got {arr.dtype} {arr.shape}"
-        raise ValueError(msg)
-    pil = Image.fromarray(arr if arr.dtype == np.uint8 else arr.astype("<u2"))  # "L" or "I;16"
-    with atomic_path(path) as tmp:
-        pil.save(tmp, format="PNG")
-    return Path(path)
+    return _write_png(image, path, compress_level=6)  # PIL's default level: compact phantom trees
 
 
 def save_truth(phantom: Phantom, path: str | os.PathLike) -> Path:
