@@ -42,9 +42,10 @@ import dataclasses
 import datetime
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -955,6 +956,7 @@ def write_mura_tree(
     inverted_fraction: float = 0.1,
     bits: int = 8,
     anomaly_scale: float = 1.0,
+    spec_overrides: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Write a MURA-v1.1-like PNG tree of phantoms with ground truth.
 
@@ -987,6 +989,8 @@ def write_mura_tree(
         inverted_fraction: fraction of images stored MONOCHROME1-style (inverted).
         bits: 8 (MURA) or 16 bit PNGs.
         anomaly_scale: :attr:`PhantomSpec.anomaly_scale` of every abnormal image (1 = default size).
+        spec_overrides: fixed :class:`PhantomSpec` fields for every image, e.g.
+            ``{"carrier": None, "markers": False}`` (``None`` = all drawn at random).
 
     Returns:
         DataFrame, one row per image: ``image_id, path`` (relative to ``root``), ``source_path``
@@ -1044,6 +1048,7 @@ def write_mura_tree(
                 anomaly=ANOMALIES[int(rng.integers(len(ANOMALIES)))] if pos else None,
                 monochrome1=bool(rng.random() < inverted_fraction), bits_stored=bits,
                 patient_id=pid, study=f"study{sno}", anomaly_scale=anomaly_scale,
+                **dict(spec_overrides or {}),
             )
             ph = make_phantom(spec, img_seed)
             rel = f"{study_rel}image{k}.png"
@@ -1307,7 +1312,8 @@ def write_dicom_tree(root: str | os.PathLike, n: int = 12, seed: int = 0,
 def generate_demo_dataset(output_dir: str | os.PathLike, n_patients: int = 40,
                           size: tuple[int, int] | int = (256, 208), seed: int = 0,
                           n_dicom: int = 6, anomaly_scale: float = 1.0,
-                          body_parts: Sequence[str] = BODY_PARTS) -> pd.DataFrame:
+                          body_parts: Sequence[str] = BODY_PARTS,
+                          spec_overrides: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Write the offline demo dataset: a MURA-v1.1 PNG tree and a few DICOM files, with truth.
 
     Layout: ``output_dir/mura/`` (see :func:`write_mura_tree`; point MURA tools at it) and
@@ -1321,6 +1327,8 @@ def generate_demo_dataset(output_dir: str | os.PathLike, n_patients: int = 40,
         n_dicom: number of DICOM files (0 = none).
         anomaly_scale: :attr:`PhantomSpec.anomaly_scale` of the abnormal images (1 = default size).
         body_parts: body parts drawn from (both parts).
+        spec_overrides: fixed :class:`PhantomSpec` fields of the MURA-tree images (see
+            :func:`write_mura_tree`).
 
     Returns:
         The truth rows of both parts concatenated, with a ``format`` column (``"png"`` / ``"dicom"``)
@@ -1329,7 +1337,7 @@ def generate_demo_dataset(output_dir: str | os.PathLike, n_patients: int = 40,
     out = Path(output_dir)
     hw = (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
     mura = write_mura_tree(out / "mura", n_patients=n_patients, seed=seed, size=hw,
-                           body_parts=body_parts, anomaly_scale=anomaly_scale)
+                           body_parts=body_parts, anomaly_scale=anomaly_scale, spec_overrides=spec_overrides)
     mura.insert(0, "format", "png")
     mura["tree_root"] = str((out / "mura").resolve())
     frames = [mura]

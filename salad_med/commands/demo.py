@@ -19,7 +19,7 @@ import typer
 
 from salad_med.cli import ConfigOption, SetOption, app, cli_errors
 
-__all__ = ["demo", "run_demo", "QUICK_OVERRIDES", "DEMO_ANOMALY_SCALE", "DEMO_BODY_PARTS"]
+__all__ = ["demo", "run_demo", "QUICK_OVERRIDES", "DEMO_ANOMALY_SCALE", "DEMO_BODY_PARTS", "DEMO_SPEC_OVERRIDES"]
 
 #: Phantom anomaly size multiplier of the demo (:attr:`salad_med.synthetic.PhantomSpec.anomaly_scale`).
 #: At the default 1.0 an anomaly covers 0.1-0.3 % of a 64x64 input (4-12 pixels), below what any
@@ -29,6 +29,11 @@ DEMO_ANOMALY_SCALE = 8.0
 #: Body parts of the demo phantoms: the two long-bone parts, so that normal anatomy varies little and
 #: the anomalies (all drawn on long bones) are the main difference between normal and abnormal images.
 DEMO_BODY_PARTS: tuple[str, ...] = ("XR_FOREARM", "XR_HUMERUS")
+#: Phantom fields fixed in the demo: no X-ray carrier and no burned-in markers. Measured with a
+#: pixel-space 1-NN probe on the 64x64 demo inputs: with carriers and markers normal images differ
+#: from each other as much as from abnormal ones (AUC 0.59); without both, 0.91 (either alone: 0.62 /
+#: 0.67). Carrier detection and segmentation are exercised by the preprocessing tests instead.
+DEMO_SPEC_OVERRIDES: dict[str, object] = {"carrier": None, "markers": False}
 
 #: Extra overrides of ``--quick`` (a smaller, shorter run for tests and smoke checks).
 QUICK_OVERRIDES = ["data.image_size=32", "preprocess.size=32", "model.base_channels=8",
@@ -87,7 +92,8 @@ def run_demo(output: str | Path, config: str | None = "demo", overrides: Sequenc
     truth = generate_demo_dataset(out / "data", n_patients=n_patients, size=(side, max(64, side - side // 8)),
                                   seed=cfg.seed, n_dicom=n_dicom,
                                   anomaly_scale=DEMO_ANOMALY_SCALE if anomaly_scale is None else anomaly_scale,
-                                  body_parts=tuple(body_parts or DEMO_BODY_PARTS))
+                                  body_parts=tuple(body_parts or DEMO_BODY_PARTS),
+                                  spec_overrides=DEMO_SPEC_OVERRIDES)
     t = _stage(timings, "phantoms", t)
 
     # 2. preprocess with the one pipeline of salad-med preprocess (carrier, segmentation, resize + pad)
