@@ -394,3 +394,13 @@ def test_anomaly_scale_default_and_validation(tmp_path):
     for row in pos.itertuples():
         truth = load_truth(tmp_path / "m" / row.truth_path)
         assert truth["anomaly_mask"].any() and not (truth["anomaly_mask"] & ~truth["body_mask"]).any()
+
+
+def test_spec_overrides_fix_fields_of_every_image(tmp_path):
+    df = write_mura_tree(tmp_path, n_patients=6, seed=3, size=(128, 104),
+                         spec_overrides={"carrier": None, "markers": False})
+    assert len(df) > 0 and (df["carrier"] == "").all()
+    for truth_path in df["truth_path"]:
+        truth = load_truth(tmp_path / truth_path)
+        assert not truth["carrier_mask"].any() and not truth["marker_mask"].any()
+        assert truth["body_mask"].any()
