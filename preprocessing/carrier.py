@@ -119,6 +119,18 @@ def work_copy(image: np.ndarray, work_size: int) -> tuple[np.ndarray, float, flo
     return small, factor, step * (block - 1) / 2.0
 
 
+def single_channel(img: Any, name: str) -> np.ndarray:
+    """The ``(H, W)`` numpy plane of a channel-first ``(1, H, W)`` image (array or tensor).
+
+    Raises:
+        ValueError: ``img`` is not ``(1, H, W)``; the message starts with ``name``.
+    """
+    if len(img.shape) != 3 or img.shape[0] != 1:
+        msg = f"{name}: expected a (1, H, W) image, got shape {tuple(img.shape)}"
+        raise ValueError(msg)
+    return convert_data_type(img, np.ndarray)[0][0]
+
+
 def finite(image: np.ndarray) -> np.ndarray:
     """``image`` as float32, NaN/inf replaced like ``np.nan_to_num`` (no copy when already finite float32)."""
     arr = np.asarray(image).astype(np.float32, copy=False)
@@ -934,10 +946,7 @@ class CropToCarrier(Crop):
 
     def detect(self, img: Any) -> CarrierResult:
         """Carrier of ``img`` ``(1, H, W)``."""
-        if len(img.shape) != 3 or img.shape[0] != 1:
-            msg = f"CropToCarrier: expected a (1, H, W) image, got shape {tuple(img.shape)}"
-            raise ValueError(msg)
-        arr = convert_data_type(img, np.ndarray)[0][0]
+        arr = single_channel(img, "CropToCarrier")
         return detect_carrier(arr, work_size=self.work_size, **self.detect_kwargs)
 
     def __call__(self, img: Any, result: CarrierResult | None = None, lazy: bool | None = None) -> Any:  # type: ignore[override]

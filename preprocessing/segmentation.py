@@ -50,7 +50,15 @@ from monai.utils import TransformBackends, convert_data_type, convert_to_dst_typ
 from scipy import ndimage as ndi
 from skimage import exposure, filters
 
-from preprocessing.carrier import CarrierResult, detect_carrier, finite, local_range, polygon_mask, work_copy
+from preprocessing.carrier import (
+    CarrierResult,
+    detect_carrier,
+    finite,
+    local_range,
+    polygon_mask,
+    single_channel,
+    work_copy,
+)
 
 __all__ = [
     "segment_body_part",
@@ -409,10 +417,7 @@ class SegmentBodyPart(Transform):
 
     def __call__(self, img: Any) -> Any:
         """``img (1, H, W)`` -> mask ``(1, H, W)``."""
-        if len(img.shape) != 3 or img.shape[0] != 1:
-            msg = f"SegmentBodyPart: expected a (1, H, W) image, got shape {tuple(img.shape)}"
-            raise ValueError(msg)
-        arr = convert_data_type(img, np.ndarray)[0][0]
+        arr = single_channel(img, "SegmentBodyPart")
         region = _carrier_region(img, arr.shape)
         carrier = region if region is not None else self.carrier
         if getattr(img, "meta", {}).get("carrier_found") is False and region is None:
