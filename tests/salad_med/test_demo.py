@@ -40,3 +40,24 @@ def test_demo_quick(tmp_path):
     assert sorted(scores["image_id"]) == sorted(split.loc[split["split"] == "test", "image_id"])
     dicom = pd.read_csv(report / "dicom_scores.csv")
     assert len(dicom) == 4 and (dicom["status"] == "ok").all() and dicom["score"].between(0, 1).all()
+
+
+def test_demo_salad_separates_phantom_anomalies(tmp_path):
+    """SALAD alone (Eq. 1-4, paper defaults apart from the budget) finds the phantom anomalies.
+
+    32x32 inputs, 200 patients, 10 pre-training epochs + 2 rounds x 3: measured test AUC 0.82 / 0.80 /
+    0.78 for seeds 0 / 1 / 2 (a broken bank, loss or score direction gives ~0.5).
+    """
+    out = tmp_path / "demo"
+    res = runner.invoke(app, ["demo", "--output", str(out), "--quick", "--patients", "200", "--methods", "salad",
+                              "--set", "train.pretrain_epochs=10", "--set", "train.rounds=2",
+                              "--set", "train.epochs_per_round=3"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    (salad,) = summary["results"]
+    assert salad["method"] == "salad" and salad["n_test_abnormal"] >= 60
+    assert salad["auc"] >= 0.75, salad
+    assert salad["auc_ci95"][0] >= 0.65, salad
+    per_kind = {r["anomaly"]: r["auc"] for r in summary["per_anomaly"]}
+    assert set(per_kind) == {"fracture", "implant", "lesion"}
+    assert min(per_kind.values()) >= 0.65, per_kind
