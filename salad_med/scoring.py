@@ -36,7 +36,7 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
-from salad_med.bank import resolve_backend, topk_largest
+from salad_med.bank import resolve_backend, topk_values
 from salad_med.losses import reconstruction_loss
 
 __all__ = [
@@ -52,7 +52,7 @@ SCORE_MODES = ("paper", "official")
 
 
 def bank_anomaly_scores(z: torch.Tensor, bank: torch.Tensor, k: int, mode: str = "paper",
-                        chunk_size: int = 128, buffer: torch.Tensor | None = None) -> torch.Tensor:
+                        chunk_size: int = 64, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 4 scores of queries against a bank with torch ops only (TorchScript friendly).
 
     Steps per chunk of queries: ``d = z_c M^T`` clamped to [-1, 1] (c, N) -> top-K of ``d`` (= K
@@ -84,7 +84,8 @@ def bank_anomaly_scores(z: torch.Tensor, bank: torch.Tensor, k: int, mode: str =
         zc = z[start:start + chunk_size]
         sims = buf[: zc.shape[0]]
         torch.mm(zc, bank_t, out=sims)  # d(z_i, m_j), (c, N)
-        top = topk_largest(sims, k)[0]  # (c, K) largest cosines = K smallest angles
+        # (c, K) largest cosines = K smallest angles, sorted so that every selection path sums them in one order
+        top = torch.sort(topk_values(sims, k), dim=1)[0]
         angles = torch.acos(top.clamp(-1.0, 1.0))
         if mode == "paper":
             total = sims.clamp_(-1.0, 1.0).acos_().sum(dim=1).clamp_min(1e-12)  # sum_j arccos(d_ij), all N
@@ -284,7 +285,7 @@ class BankScorer(_MinMaxNormalization, BaseEstimator):
             return bank_anomaly_scores(q, self.bank_, self.k_, self.mode,
                                        buffer=self._work_buffer(q)).numpy().astype(np.float64)
 
-    def _work_buffer(self, q: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+    def _work_buffer(self, q: torch.Tensor, chunk_size: int = 64) -> torch.Tensor:
         """Reusable (chunk, N) matmul buffer on ``q``'s device, one per thread (not saved)."""
         local = getattr(self, "_buffer", None)
         if local is None:

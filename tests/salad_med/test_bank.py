@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from salad_med.bank import MemoryBank, faiss_available, resolve_backend, topk_largest
+from salad_med.bank import MemoryBank, faiss_available, resolve_backend, topk_largest, topk_values
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
 R2 = 1.0 / math.sqrt(2.0)
@@ -119,13 +119,19 @@ def test_bad_arguments():
         MemoryBank(0, 2)
 
 
-@pytest.mark.parametrize(("n", "k"), [(40_000 // 8, 10), (4_003, 7), (300, 100)])
-def test_topk_largest_is_exact(n, k):
+@pytest.mark.parametrize("path", ["numpy", "torch"])
+@pytest.mark.parametrize(("n", "k"), [(40_000 // 8, 10), (4_003, 7), (300, 100), (12_800, 100)])
+def test_topk_largest_is_exact(n, k, path):
     gen = torch.Generator().manual_seed(n)
     sims = torch.randn(9, n, generator=gen)
     sims[0, :64] = 5.0  # ties across groups: values must still match
+    # the CPU fast path (numpy introselect) and the torch path (GPU, autograd, TorchScript) agree
+    sims = sims if path == "numpy" else sims.requires_grad_(True)
     values, idx = topk_largest(sims, k)
+    sims = sims.detach()
     ref = torch.topk(sims, k, dim=1).values
-    torch.testing.assert_close(values.sort(dim=1, descending=True).values, ref, rtol=0, atol=0)
-    torch.testing.assert_close(sims.gather(1, idx), values, rtol=0, atol=0)  # indices point at the values
-    assert all(len(set(row)) == k for row in idx.tolist())  # no index twice
+    torch.testing.assert_close(values.detach().sort(dim=1, descending=True).values, ref, rtol=0, atol=0)
+    torch.testing.assert_close(sims.gather(1, idx), values.detach(), rtol=0, atol=0)  # indices point at the values
+    assert idx.dtype == torch.int64 and all(len(set(row)) == k for row in idx.tolist())  # no index twice
+    only = topk_values(sims, k)
+    torch.testing.assert_close(only.sort(dim=1, descending=True).values, ref, rtol=0, atol=0)
