@@ -117,15 +117,35 @@ def test_read_errors_reach_the_caller(tmp_path):
 
 
 def test_carrier_crop_and_inverse_back_to_the_file_grid(tmp_path):
-    ph = make_phantom(PhantomSpec(height=320, width=256, carrier="bright", carrier_rotation=6.0, markers=False,
+    ph = make_phantom(PhantomSpec(height=640, width=512, carrier="bright", carrier_rotation=6.0, markers=False,
                                   body_part="XR_WRIST"), seed=21)
     path = write_png(ph.image, tmp_path / "carrier.png")
     pipe = get_pipeline("mura", SIZE)
     out = pipe({"image": str(path)})
     assert out["image"].meta["carrier_found"] is True
     names = [op["class"] for op in out["image"].applied_operations]
-    assert names == ["BoxDownsample", "CropToCarrier", "Resize", "SpatialPad"]  # 320 // (1.25 * 96) = 2
+    # working side max(1.25 * 96, MIN_WORK_SIDE = 256): 640 // 256 = 2
+    assert names == ["BoxDownsample", "CropToCarrier", "Resize", "SpatialPad"]
     back = pipe.inverse(out)
     mask = back["mask"][0].numpy() > 0
     assert mask.shape == ph.body_mask.shape and _dice(mask, ph.body_mask) > 0.85
     assert not (mask & ~ph.carrier_mask).any()  # nothing outside the carrier
+
+
+def test_small_outputs_keep_a_256_px_working_copy(tmp_path):
+    """Carrier detection and segmentation never run below MIN_WORK_SIDE, whatever the output size."""
+    from preprocessing.pipelines import MIN_WORK_SIDE
+
+    ph = make_phantom(PhantomSpec(height=1024, width=832, carrier=None, markers=False, body_part="XR_FOREARM"),
+                      seed=5)
+    path = write_png(ph.image, tmp_path / "big.png")
+    for size in (32, 64, 512):
+        pipe = get_pipeline("mura", size)
+        out = pipe({"image": str(path)})
+        ops = {op["class"]: op for op in out["image"].applied_operations}
+        factor = ops["BoxDownsample"]["extra_info"]["factor"] if "BoxDownsample" in ops else 1
+        assert factor == (4 if size < 205 else 1), size
+        # the side segmentation worked on = what the final resize started from
+        assert max(ops["Resize"]["orig_size"]) >= MIN_WORK_SIDE, (size, ops["Resize"]["orig_size"])
+        back = pipe.inverse(out)
+        assert _dice(back["mask"][0].numpy() > 0, ph.body_mask) > 0.9, size
