@@ -173,7 +173,8 @@ def topk_similar(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude: tor
     buf = queries.new_empty(min(chunk_size, queries.shape[0]), keys.shape[0])
     for start in range(0, queries.shape[0], chunk_size):
         qc = queries[start:start + chunk_size]
-        sims = torch.mm(qc, keys.T, out=buf[: qc.shape[0]]) if not qc.requires_grad else qc @ keys.T  # (b, N)
+        grad = qc.requires_grad or keys.requires_grad  # out= does not support autograd
+        sims = qc @ keys.T if grad else torch.mm(qc, keys.T, out=buf[: qc.shape[0]])  # (b, N)
         if exclude is not None:
             sims.scatter_(1, exclude[start:start + chunk_size].view(-1, 1).long(), float("-inf"))
         s, i = topk_largest(sims, k)
