@@ -131,6 +131,21 @@ def single_channel(img: Any, name: str) -> np.ndarray:
     return convert_data_type(img, np.ndarray)[0][0]
 
 
+def plane_2d(image: Any, name: str) -> np.ndarray:
+    """The ``(H, W)`` numpy plane of an ``(H, W)`` or ``(1, H, W)`` image (array or tensor).
+
+    Raises:
+        ValueError: any other shape; the message starts with ``name``.
+    """
+    arr = convert_data_type(image, np.ndarray)[0]
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        msg = f"{name}: expected an (H, W) or (1, H, W) image, got shape {tuple(arr.shape)}"
+        raise ValueError(msg)
+    return arr
+
+
 def finite(image: np.ndarray) -> np.ndarray:
     """``image`` as float32, NaN/inf replaced like ``np.nan_to_num`` (no copy when already finite float32)."""
     arr = np.asarray(image).astype(np.float32, copy=False)
@@ -862,12 +877,7 @@ def detect_carrier(
     Raises:
         ValueError: ``image`` is not 2-D (or ``(1, H, W)``).
     """
-    arr = convert_data_type(image, np.ndarray)[0]
-    if arr.ndim == 3 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 2:
-        msg = f"detect_carrier: expected an (H, W) or (1, H, W) image, got shape {tuple(arr.shape)}"
-        raise ValueError(msg)
+    arr = plane_2d(image, "detect_carrier")
     shape = (int(arr.shape[0]), int(arr.shape[1]))
     whole = (0, shape[0], 0, shape[1])
     p = _Params(work_size, max_rotation, min_contrast, min_coverage, min_homogeneity, min_length, min_area,

@@ -55,6 +55,7 @@ from preprocessing.carrier import (
     detect_carrier,
     finite,
     local_range,
+    plane_2d,
     polygon_mask,
     single_channel,
     work_copy,
@@ -339,12 +340,7 @@ def segment_body_part(
     Raises:
         ValueError: ``"no body part found: ..."`` for a constant or empty image, or a wrong shape.
     """
-    arr = convert_data_type(image, np.ndarray)[0]
-    if arr.ndim == 3 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 2:
-        msg = f"segment_body_part: expected an (H, W) or (1, H, W) image, got shape {tuple(arr.shape)}"
-        raise ValueError(msg)
+    arr = plane_2d(image, "segment_body_part")
     arr = finite(arr)
     if arr.size == 0 or float(arr.max() - arr.min()) < 1e-6:
         reason = "the image is constant"
