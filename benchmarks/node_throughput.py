@@ -49,7 +49,10 @@ def _train_run(root: Path, size: int, overrides: list[str]) -> Path:
 
 
 def _storescu(port: int, files: list[str], rle: bool = False) -> list[str]:
-    return ["storescu", "-aet", "BENCH", "-aec", "SALAD", *(["-xr"] if rle else []), "127.0.0.1", str(port), *files]
+    from salad_med.dicom_tools import dcmtk_tool
+
+    return [dcmtk_tool("storescu"), "-aet", "BENCH", "-aec", "SALAD", *(["-xr"] if rle else []), "127.0.0.1",
+            str(port), *files]
 
 
 def _burst(node, paths: list[str], rle: set[str], senders: int) -> dict:
@@ -116,8 +119,10 @@ def run(images: int = 120, size: int = 256, senders: int = 4, workers: int = 1, 
     from salad_med.node import NodeSettings, ScoringNode
     from salad_med.synthetic import write_dicom_tree
 
-    if shutil.which("storescu") is None:
-        msg = "dcmtk's storescu is needed (apt-get install dcmtk)"
+    from salad_med.dicom_tools import dcmtk_missing_reason, dcmtk_tool
+
+    if dcmtk_tool("storescu") is None:
+        msg = dcmtk_missing_reason("storescu")
         raise SystemExit(msg)
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="salad_node_bench_"))
     root.mkdir(parents=True, exist_ok=True)

@@ -86,12 +86,13 @@ def bank_anomaly_scores(z: torch.Tensor, bank: torch.Tensor, k: int, mode: str =
         torch.mm(zc, bank_t, out=sims)  # d(z_i, m_j), (c, N)
         # (c, K) largest cosines = K smallest angles, sorted so that every selection path sums them in one order
         top = torch.sort(topk_values(sims, k), dim=1)[0]
-        angles = torch.acos(top.clamp(-1.0, 1.0))
+        # per-query reductions in float64: a score does not depend on which queries share its chunk
+        angles = torch.acos(top.double().clamp(-1.0, 1.0))
         if mode == "paper":
-            total = sims.clamp_(-1.0, 1.0).acos_().sum(dim=1).clamp_min(1e-12)  # sum_j arccos(d_ij), all N
-            out[start:start + zc.shape[0]] = angles.sum(dim=1) / (total * k)  # (1/K) sum_K w_ik
+            total = sims.double().clamp_(-1.0, 1.0).acos_().sum(dim=1).clamp_min(1e-12)  # sum_j arccos(d_ij)
+            out[start:start + zc.shape[0]] = (angles.sum(dim=1) / (total * k)).to(out.dtype)  # (1/K) sum_K w_ik
         else:
-            out[start:start + zc.shape[0]] = angles.mean(dim=1) / math.pi
+            out[start:start + zc.shape[0]] = (angles.mean(dim=1) / math.pi).to(out.dtype)
     return out
 
 

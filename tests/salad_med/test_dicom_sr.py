@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from pydicom.uid import ComprehensiveSRStorage
 
+from salad_med.dicom_tools import dcmtk_missing_reason, dcmtk_tool
 from salad_med import __version__
 from salad_med.dicom_sr import (
     DEFAULT_SERIES_DESCRIPTION,
@@ -21,7 +22,8 @@ from salad_med.dicom_sr import (
 from salad_med.errors import DataError
 from salad_med.synthetic import write_dicom_tree
 
-needs_dcmtk = pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dcmtk (dsrdump) not installed")
+DSRDUMP = dcmtk_tool("dsrdump")
+needs_dcmtk = pytest.mark.skipif(DSRDUMP is None, reason=dcmtk_missing_reason("dsrdump"))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,7 @@ def test_sr_from_dataset_and_options(phantom_dicoms):
 @pytest.mark.dcmtk
 def test_dsrdump_parses_and_shows_score(phantom_dicoms, tmp_path):
     out = write_score_sr(phantom_dicoms.source_path[2], 0.61803, tmp_path / "sr.dcm", raw_score=1.5)
-    proc = subprocess.run(["dsrdump", str(out)], capture_output=True, timeout=30)
+    proc = subprocess.run([DSRDUMP, str(out)], capture_output=True, timeout=30)
     text = proc.stdout.decode("latin-1")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.decode("latin-1").strip() == ""

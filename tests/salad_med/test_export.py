@@ -22,6 +22,10 @@ from salad_med.scoring import BankScorer
 
 runner = CliRunner()
 TOL = 1e-5
+#: Relative agreement of raw scores of one image scored in batches of different size: the encoder's
+#: float32 convolutions differ by ~1e-7 relative with the batch size (measured 1.8e-7), Eq. 4 reduces in
+#: float64 per query; 1e-5 leaves a 50x margin for other CPUs' kernels.
+RAW_REL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +138,7 @@ def test_export_errors(tmp_path, tiny_dicom_run):
     assert not (tmp_path / "dae.ts").exists()
 
 
-def test_score_cli_writes_an_sr_per_dicom_input(tmp_path, tiny_dicom_run, reference):
+def test_score_cli_writes_an_sr_per_dicom_input(tmp_path, tiny_dicom_run, run_model, reference):
     from salad_med.dicom_sr import read_score_sr
 
     paths, df, _ = reference
@@ -144,5 +148,10 @@ def test_score_cli_writes_an_sr_per_dicom_input(tmp_path, tiny_dicom_run, refere
     for row in scores.itertuples():
         report = read_score_sr(row.sr_path)
         assert report.referenced_sop_instance_uid == row.image_id
-        assert report.score == pytest.approx(float(df.score[row.Index]), abs=1e-6)
-        assert report.raw_score == pytest.approx(float(df.raw_score[row.Index]), rel=1e-6)
+        # The CLI scored 3 images per batch, the reference 12: float32 convolutions differ by ~1e-7
+        # relative across batch sizes (BLAS blocking), so raw scores agree to RAW_REL, not bit for bit;
+        # the normalised score is monotone in the raw one and must lie inside the image of that band.
+        raw_ref = float(df.raw_score[row.Index])
+        assert report.raw_score == pytest.approx(raw_ref, rel=RAW_REL)
+        lo, hi = run_model.scorer.normalize(np.array([raw_ref * (1 - RAW_REL), raw_ref * (1 + RAW_REL)]))
+        assert lo - 1e-9 <= report.score <= hi + 1e-9

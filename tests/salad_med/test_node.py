@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (
     DigitalXRayImageStorageForPresentation,
 )
 
+from salad_med.dicom_tools import dcmtk_missing_reason, dcmtk_tool
 from salad_med.dicom_sr import build_score_sr, read_score_sr
 from salad_med.errors import ConfigError
 from salad_med.inference import load_run
@@ -44,8 +45,12 @@ from salad_med.node import (
     read_results,
 )
 
-DCMTK = shutil.which("storescu") is not None and shutil.which("echoscu") is not None
-needs_dcmtk = pytest.mark.skipif(not DCMTK, reason="dcmtk (storescu/echoscu) not installed")
+#: dcmtk's tools, never pynetdicom's same-named venv scripts (they reject -xv, +II, ... and print other messages)
+STORESCU, ECHOSCU, DSRDUMP, STORESCP = (dcmtk_tool(t) for t in ("storescu", "echoscu", "dsrdump", "storescp"))
+needs_dcmtk = pytest.mark.skipif(
+    not (STORESCU and ECHOSCU and DSRDUMP and STORESCP),
+    reason="; ".join(dcmtk_missing_reason(t) for t in ("storescu", "echoscu", "dsrdump", "storescp")
+                   if not dcmtk_tool(t)))
 #: storescu option proposing a file's (compressed) transfer syntax; uncompressed ones need none.
 STORESCU_TS = {"1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
                "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.51": "-xx",
@@ -104,7 +109,7 @@ def _send(port: int, items, aet: str = "TESTSCU") -> list[int]:
 
 
 def _storescu(port: int, paths, aet: str = "TESTSCU", *options: str, timeout: float = 120):
-    return subprocess.run(["storescu", "-aet", aet, "-aec", "SALAD", *options, "127.0.0.1", str(port),
+    return subprocess.run([STORESCU, "-aet", aet, "-aec", "SALAD", *options, "127.0.0.1", str(port),
                            *map(str, paths)], capture_output=True, text=True, timeout=timeout)
 
 
@@ -342,10 +347,10 @@ def test_forward_failures_are_kept_and_retried_at_restart(tmp_path, make_node, p
 @pytest.mark.dcmtk
 def test_echoscu_and_unknown_ae(make_node):
     node = make_node()
-    ok = subprocess.run(["echoscu", "-aet", "PACS", "-aec", "SALAD", "127.0.0.1", str(node.port)],
+    ok = subprocess.run([ECHOSCU, "-aet", "PACS", "-aec", "SALAD", "127.0.0.1", str(node.port)],
                         capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "SALAD", "127.0.0.1", str(node.port)],
+    bad = subprocess.run([ECHOSCU, "-aet", "INTRUDER", "-aec", "SALAD", "127.0.0.1", str(node.port)],
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode != 0 and "Calling AE Title Not Recognized" in bad.stderr
     rejected = [e for e in _events(node) if e["event"] == "association_rejected"]
@@ -370,7 +375,7 @@ def test_storescu_phantoms_scored_exactly_once(make_node, phantoms, run_model, t
     assert refused.returncode != 0 and "No Acceptable Presentation Contexts" in refused.stderr
     _assert_scored_once(node, [_uid(p) for p in paths], run_model, paths)
     # dsrdump parses what the node wrote
-    dump = subprocess.run(["dsrdump", str(next(node.dirs["sr"].iterdir()))], capture_output=True, timeout=30)
+    dump = subprocess.run([DSRDUMP, str(next(node.dirs["sr"].iterdir()))], capture_output=True, timeout=30)
     assert dump.returncode == 0 and b"SALAD anomaly score" in dump.stdout
 
 
@@ -397,7 +402,7 @@ def test_twenty_concurrent_associations(make_node, phantoms):
     paths = [p for p, ts in zip(phantoms.source_path, phantoms.transfer_syntax, strict=True)
              if ts != "rle lossless"][:4]
     files = (paths * 3)[:10]  # 10 images per association; +II gives each sent image a new SOP Instance UID
-    procs = [subprocess.Popen(["storescu", "-aet", "TESTSCU", "-aec", "SALAD", "+II", "127.0.0.1",
+    procs = [subprocess.Popen([STORESCU, "-aet", "TESTSCU", "-aec", "SALAD", "+II", "127.0.0.1",
                                str(node.port), *files], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(20)]
     for proc in procs:
@@ -422,7 +427,7 @@ def test_truncated_file_answered_with_failure(make_node, phantoms, tmp_path):
     proc = _storescu(node.port, [cut, phantoms.source_path[1]], "TESTSCU", "-nh", "-v")
     assert "Received Store Response (Error: DataSetDoesNotMatchSOPClass)" in proc.stderr, proc.stderr
     assert proc.stderr.count("Received Store Response (Success)") == 1
-    echo = subprocess.run(["echoscu", "-aet", "PACS", "-aec", "SALAD", "127.0.0.1", str(node.port)],
+    echo = subprocess.run([ECHOSCU, "-aet", "PACS", "-aec", "SALAD", "127.0.0.1", str(node.port)],
                           capture_output=True, timeout=30)
     assert echo.returncode == 0  # still serving
     assert node.wait_idle(60)
@@ -435,7 +440,7 @@ def test_forward_to_dcmtk_storescp(make_node, phantoms, tmp_path):
     port = _free_port()
     received = tmp_path / "archive"
     received.mkdir()
-    scp = subprocess.Popen(["storescp", "-aet", "ARCHIVE", "-od", str(received), "+xa", str(port)],
+    scp = subprocess.Popen([STORESCP, "-aet", "ARCHIVE", "-od", str(received), "+xa", str(port)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         time.sleep(0.3)
@@ -451,7 +456,7 @@ def test_forward_to_dcmtk_storescp(make_node, phantoms, tmp_path):
     refs = sorted(read_score_sr(f).referenced_sop_instance_uid for f in files)
     assert refs == sorted(_uid(p) for p in paths)
     for f in files:
-        dump = subprocess.run(["dsrdump", str(f)], capture_output=True, timeout=30)
+        dump = subprocess.run([DSRDUMP, str(f)], capture_output=True, timeout=30)
         assert dump.returncode == 0 and b"SALAD anomaly score" in dump.stdout
     assert [e["event"] for e in _events(node)].count("forwarded") == 3
 
@@ -471,7 +476,7 @@ def test_serve_cli_crash_restart_and_sigterm_drain(tiny_dicom_run, phantoms, tmp
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()[1]
-            echo = subprocess.run(["echoscu", "-aet", "TESTSCU", "-aec", "SALAD", "127.0.0.1", str(port)],
+            echo = subprocess.run([ECHOSCU, "-aet", "TESTSCU", "-aec", "SALAD", "127.0.0.1", str(port)],
                                   capture_output=True, timeout=30)
             if echo.returncode == 0:
                 return proc
