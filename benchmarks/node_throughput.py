@@ -115,11 +115,10 @@ def run(images: int = 120, size: int = 256, senders: int = 4, workers: int = 1, 
         run_dir: str | None = None, keep: str | None = None, overrides: list[str] | None = None,
         paced_images: int = 20) -> dict:
     """Run the benchmark; returns the figures (see the module docstring)."""
+    from salad_med.dicom_tools import dcmtk_missing_reason, dcmtk_tool
     from salad_med.inference import load_run
     from salad_med.node import NodeSettings, ScoringNode
     from salad_med.synthetic import write_dicom_tree
-
-    from salad_med.dicom_tools import dcmtk_missing_reason, dcmtk_tool
 
     if dcmtk_tool("storescu") is None:
         msg = dcmtk_missing_reason("storescu")

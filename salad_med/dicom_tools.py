@@ -21,7 +21,7 @@ from pathlib import Path
 __all__ = ["dcmtk_tool", "dcmtk_missing_reason", "is_dcmtk"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def is_dcmtk(path: str) -> bool:
     """True when ``path --version`` prints dcmtk's banner (``$dcmtk: ...`` / OFFIS)."""
     try:
@@ -44,7 +44,7 @@ def _candidates(name: str) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dcmtk_tool(name: str) -> str | None:
     """Absolute path of dcmtk's ``name`` on ``PATH`` (skipping pynetdicom's same-named scripts), or None."""
     return next((p for p in _candidates(name) if is_dcmtk(p)), None)

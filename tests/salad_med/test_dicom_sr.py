@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 import warnings
 
@@ -11,7 +10,6 @@ import pydicom
 import pytest
 from pydicom.uid import ComprehensiveSRStorage
 
-from salad_med.dicom_tools import dcmtk_missing_reason, dcmtk_tool
 from salad_med import __version__
 from salad_med.dicom_sr import (
     DEFAULT_SERIES_DESCRIPTION,
@@ -19,6 +17,7 @@ from salad_med.dicom_sr import (
     read_score_sr,
     write_score_sr,
 )
+from salad_med.dicom_tools import dcmtk_missing_reason, dcmtk_tool
 from salad_med.errors import DataError
 from salad_med.synthetic import write_dicom_tree
 

@@ -30,8 +30,8 @@ from pynetdicom.sop_class import (
     DigitalXRayImageStorageForPresentation,
 )
 
-from salad_med.dicom_tools import dcmtk_missing_reason, dcmtk_tool
 from salad_med.dicom_sr import build_score_sr, read_score_sr
+from salad_med.dicom_tools import dcmtk_missing_reason, dcmtk_tool
 from salad_med.errors import ConfigError
 from salad_med.inference import load_run
 from salad_med.node import (
