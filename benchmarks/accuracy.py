@@ -3,12 +3,12 @@
 For each of ``../shared/data/cxr_sample`` (723 NIH chest X-rays, 64x64, patient groups) and
 ``../shared/data/msk_sample`` (300 FracAtlas radiographs, fractured vs not; image ids as groups):
 
-1. ``salad-med preprocess``'s library function (:func:`salad_med.preprocess_job.run_preprocess`,
+1. ``salad-med preprocess``'s library function (:func:`salad_med.data.preprocess_job.run_preprocess`,
    dataset ``folder``: chest without carrier/segmentation, MSK with both);
 2. a patient (x body part) split with AR = 5 % known anomalies in train
-   (:func:`salad_med.splits.make_split`, ``train_fraction`` 0.4: 0.5 needs more normal groups than
+   (:func:`salad_med.data.splits.make_split`, ``train_fraction`` 0.4: 0.5 needs more normal groups than
    the chest sample has);
-3. :func:`salad_med.commands.compare.run_compare`: every method x seed trained with the same config
+3. :func:`salad_med.cli.commands.compare.run_compare`: every method x seed trained with the same config
    (same epochs, batch, steps; conv6 at 64x64), model selection on ``val``, metrics on ``test``.
 
 Prints method x AUC/AUPRC mean ± std per data set and writes ``accuracy.csv`` in the work folder.
@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     from rich.console import Console
 
-    from salad_med.commands.compare import format_table, run_compare
+    from salad_med.cli.commands.compare import format_table, run_compare
     from salad_med.config import load_config
-    from salad_med.preprocess_job import run_preprocess
-    from salad_med.splits import make_split, write_split
+    from salad_med.data.preprocess_job import run_preprocess
+    from salad_med.data.splits import make_split, write_split
 
     if not SHARED.is_dir():
         print(f"shared data not found at {SHARED}: skipped")

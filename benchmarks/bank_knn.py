@@ -5,7 +5,7 @@ in one process, interleaved round-robin over ``--repeats`` rounds (medians repor
 other processes hits every contender alike):
 
 * ``faiss IndexFlatIP.search`` (the reference; index built outside the timing),
-* :class:`~salad_med.scoring.BankScorer` in ``official`` and ``paper`` (Eq. 4) mode with the torch
+* :class:`~salad_med.scoring.scorers.BankScorer` in ``official`` and ``paper`` (Eq. 4) mode with the torch
   backend, ``official`` with the faiss backend, and the config default (``paper``, ``auto``),
 * ``MemoryBank.knn`` (torch top-k only).
 
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from salad_med.bank import MemoryBank, faiss_available
-from salad_med.scoring import BankScorer
+from salad_med.methods.components.bank import MemoryBank, faiss_available
+from salad_med.scoring.scorers import BankScorer
 
 TARGET = 1.2
 

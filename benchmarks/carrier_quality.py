@@ -2,7 +2,7 @@
 
 Not a test: prints figures for the closing note of issue 3.
 
-* phantoms (``salad_med.synthetic``): carrier IoU vs ``carrier_mask`` where a carrier exists, false
+* phantoms (``salad_med.synthetic.phantom``): carrier IoU vs ``carrier_mask`` where a carrier exists, false
   carriers where none does, body-part Dice vs ``body_mask`` inside the crop;
 * real files (``../shared/data``): carriers reported, share of the body mask (computed on the
   uncropped image, carrier ignored) kept by the crop, mask fraction;
@@ -33,7 +33,7 @@ def _normalize(img: np.ndarray) -> np.ndarray:
 
 
 def phantoms(n: int, seed: int = 0) -> None:
-    from salad_med.synthetic import make_phantom, random_spec
+    from salad_med.synthetic.phantom import make_phantom, random_spec
 
     rng = np.random.default_rng(seed)
     ious, dices, false_carriers, missed, times, worst = [], [], 0, 0, [], []

@@ -2,7 +2,7 @@
 
 Both contenders train the same network on the same global batch (``--global-batch``, split over the
 ranks as ``salad-med train`` does) and run the trainer's step: forward (encode + decode) ->
-:class:`~salad_med.losses.SaladLoss` (MSE + lambda (L_ss + L_agg)) against the memory bank ->
+:class:`~salad_med.methods.salad.loss.SaladLoss` (MSE + lambda (L_ss + L_agg)) against the memory bank ->
 backward (DDP all-reduces the gradients) -> Adam -> all-gather of indices and embeddings ->
 ``MemoryBank.update``. Each contender runs in its own spawned processes with ``--threads`` torch
 threads per process; one process with ``2 x --threads`` threads (the same cores as the 2-process run)
@@ -40,10 +40,10 @@ def _worker(rank: int, world: int, port: int, threads: int, args: dict, commands
     torch.set_num_threads(threads)
     import torch.distributed as dist
 
-    from salad_med.bank import MemoryBank
     from salad_med.config import ModelConfig
-    from salad_med.distributed import all_gather_cat, local_batch_size
-    from salad_med.losses import SaladLoss, neighbourhoods
+    from salad_med.engine.distributed import all_gather_cat, local_batch_size
+    from salad_med.methods.components.bank import MemoryBank
+    from salad_med.methods.salad.loss import SaladLoss, neighbourhoods
     from salad_med.nets import build_network
 
     if world > 1:
@@ -153,7 +153,7 @@ def measure_setting(arch: str, size: int, base: int, batch: int, views: int = 1,
     from torch.utils.flop_counter import FlopCounterMode
 
     from salad_med.config import ModelConfig
-    from salad_med.losses import SaladLoss
+    from salad_med.methods.salad.loss import SaladLoss
     from salad_med.nets import build_network
 
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 End to end, as a PACS would use it: dcmtk ``storescu`` sends phantom radiographs (``--size`` x
 ``--size``; CR/DX, MONOCHROME1/2, 8/12/16 bits, explicit/implicit little endian and RLE) to an
-in-process :class:`~salad_med.node.ScoringNode` (the run's preprocessing + model, SR + results row).
+in-process :class:`~salad_med.dicom.node.ScoringNode` (the run's preprocessing + model, SR + results row).
 
 * burst: ``--senders`` concurrent storescu processes send ``--images`` at once; throughput =
   images / (last SR written - first storescu started); queued latency per image = SR written
@@ -31,8 +31,8 @@ import pandas as pd
 
 def _train_run(root: Path, size: int, overrides: list[str]) -> Path:
     from salad_med.config import load_config
-    from salad_med.synthetic import write_dicom_tree
-    from salad_med.trainer import train_from_manifest
+    from salad_med.engine.trainer import train_from_manifest
+    from salad_med.synthetic.phantom import write_dicom_tree
 
     files = write_dicom_tree(root / "train_dicom", n=24, seed=7, size=(size, size))
     split = files[["image_id", "source_path", "patient_id", "body_part", "study", "label"]].copy()
@@ -49,7 +49,7 @@ def _train_run(root: Path, size: int, overrides: list[str]) -> Path:
 
 
 def _storescu(port: int, files: list[str], rle: bool = False) -> list[str]:
-    from salad_med.dicom_tools import dcmtk_tool
+    from salad_med.dicom.tools import dcmtk_tool
 
     return [dcmtk_tool("storescu"), "-aet", "BENCH", "-aec", "SALAD", *(["-xr"] if rle else []), "127.0.0.1",
             str(port), *files]
@@ -115,10 +115,10 @@ def run(images: int = 120, size: int = 256, senders: int = 4, workers: int = 1, 
         run_dir: str | None = None, keep: str | None = None, overrides: list[str] | None = None,
         paced_images: int = 20) -> dict:
     """Run the benchmark; returns the figures (see the module docstring)."""
-    from salad_med.dicom_tools import dcmtk_missing_reason, dcmtk_tool
-    from salad_med.inference import load_run
-    from salad_med.node import NodeSettings, ScoringNode
-    from salad_med.synthetic import write_dicom_tree
+    from salad_med.dicom.node import NodeSettings, ScoringNode
+    from salad_med.dicom.tools import dcmtk_missing_reason, dcmtk_tool
+    from salad_med.evaluation.inference import load_run
+    from salad_med.synthetic.phantom import write_dicom_tree
 
     if dcmtk_tool("storescu") is None:
         msg = dcmtk_missing_reason("storescu")

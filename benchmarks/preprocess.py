@@ -56,7 +56,7 @@ def _decode_floor(path: Path) -> np.ndarray:
 
 def _ratio(files: list[tuple[str, Path]], repeats: int, size: int, out: Path, options: dict) -> pd.DataFrame:
     from preprocessing.pipelines import get_pipeline
-    from salad_med.preprocess_job import to_png_array, write_png
+    from salad_med.data.preprocess_job import to_png_array, write_png
 
     pipe = get_pipeline("folder", size, **options)
     outputs = {}
@@ -100,7 +100,7 @@ def _steps(files: list[tuple[str, Path]], size: int, options: dict) -> pd.DataFr
 
 def _pool_start(workers: int, size: int, options: dict) -> float:
     """Seconds to start the worker pool of ``run_preprocess`` (imports + pipeline construction)."""
-    from salad_med.preprocess_job import _init_worker, _pool_context
+    from salad_med.data.preprocess_job import _init_worker, _pool_context
 
     start = time.perf_counter()
     with _pool_context().Pool(workers, initializer=_init_worker, initargs=("folder", size, options, 8)) as pool:
@@ -111,7 +111,7 @@ def _pool_start(workers: int, size: int, options: dict) -> float:
 def _throughput(files: list[tuple[str, Path]], workers: int, size: int, out: Path, options: dict
                 ) -> tuple[float, int, float]:
     from salad_med.config import Config
-    from salad_med.preprocess_job import run_preprocess
+    from salad_med.data.preprocess_job import run_preprocess
 
     labels = out / "labels.csv"
     pd.DataFrame({"path": [str(p) for _, p in files], "label": -1}).to_csv(labels, index=False)

@@ -4,7 +4,7 @@ Same network (conv6), same batch (16 x 1 x S x S), same Adam settings; the steps
 interleaved (AE, SALAD, AE, SALAD, ...) and medians compared:
 
 * plain AE step: forward -> reconstruction loss -> backward -> Adam step;
-* SALAD step: forward -> :class:`~salad_med.losses.SaladLoss` (MSE + lambda (L_ss + L_agg)) against a
+* SALAD step: forward -> :class:`~salad_med.methods.salad.loss.SaladLoss` (MSE + lambda (L_ss + L_agg)) against a
   4,000-entry bank with round-1 ``paper`` neighbourhoods -> backward -> Adam step ->
   ``MemoryBank.update``. The SALAD extras are one (B, D) x (D, N) matmul, two log-sum-exps and the
   bank row update.
@@ -21,9 +21,9 @@ import time
 import numpy as np
 import torch
 
-from salad_med.bank import MemoryBank
 from salad_med.config import ModelConfig
-from salad_med.losses import SaladLoss, neighbourhoods
+from salad_med.methods.components.bank import MemoryBank
+from salad_med.methods.salad.loss import SaladLoss, neighbourhoods
 from salad_med.nets import build_network
 
 TARGET = 1.05

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from salad_med.manifests import (
+from salad_med.data.manifests import (
     MURA_BODY_PARTS,
     build_mura_manifest,
     load_manifest,
     manifest_to_csv,
     write_manifest,
 )
-from salad_med.splits import make_split, split_totals
+from salad_med.data.splits import make_split, split_totals
 
 # MURA-v1.1: 36,808 train + 3,197 valid images; 13,457 + 1,199 studies; 11,184 + 783 patients.
 MURA_IMAGES = 40_005

@@ -3,7 +3,7 @@
 The point: the trainer's data cache never holds the dataset as float32 in RAM. A 40,000-row split
 manifest (36,000 train / 2,000 val / 2,000 test) points at preprocessed 256x256 PNGs (``output_path``;
 256 distinct images hard-linked to 40,000 file names, so every row is decoded on its own), and
-``salad-med train``'s library path (:func:`salad_med.trainer.train_from_manifest`) builds the uint8
+``salad-med train``'s library path (:func:`salad_med.engine.trainer.train_from_manifest`) builds the uint8
 memmap cache of train + val (38,000 x 256 x 256 = 2.5 GB on disk; as float32 it would be 10 GB) with 2
 DataLoader workers, then trains the paper's chest net (conv6, 200-d, 36,000-row bank) for a few steps per
 epoch (pre-training epoch + one round with its neighbourhood computation) with validation on the 2,000
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from salad_med.config import load_config
-    from salad_med.trainer import train_from_manifest
+    from salad_med.engine.trainer import train_from_manifest
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="salad_rss_"))
     try:

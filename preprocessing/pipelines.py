@@ -31,7 +31,7 @@ Example:
     (torch.Size([1, 512, 512]), torch.Size([1, 512, 512]), False)
 
 See Also:
-    ``salad_med.config.PreprocessConfig`` (the options), ``salad_med.preprocess_job`` (the batch runner).
+    ``salad_med.config.PreprocessConfig`` (the options), ``salad_med.data.preprocess_job`` (the batch runner).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """``python -m salad_med`` runs the CLI."""
 
-from salad_med.cli import main
+from salad_med.cli.app import main
 
 main()

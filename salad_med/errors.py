@@ -1,6 +1,6 @@
 """Exception types shared by the library and the CLI.
 
-Library code raises these; only :mod:`salad_med.cli` turns them into one-line messages and exit codes
+Library code raises these; only :mod:`salad_med.cli.app` turns them into one-line messages and exit codes
 (2 for bad arguments or configuration, 1 for failures).
 """
 

@@ -6,11 +6,11 @@ https://arxiv.org/abs/2010.09856) and the min-max normalisation fitted on valida
 
     x (B, 1, S, S) float32 in [0, 1]  ->  score (B,) float32 in [0, 1], higher = more abnormal.
 
-Its input is what :meth:`salad_med.inference.RunModel.load_image` produces (the run's preprocessing
+Its input is what :meth:`salad_med.evaluation.inference.RunModel.load_image` produces (the run's preprocessing
 pipeline, resized to S and quantised to the cache bit depth), so an exported module fed those tensors
 gives the scores of ``salad-med score`` (checked to 1e-5 after every export).
 
-* ``torchscript``: the Eq. 4 head is :meth:`salad_med.scoring.BankScorer.to_module` scripted (loops over
+* ``torchscript``: the Eq. 4 head is :meth:`salad_med.scoring.scorers.BankScorer.to_module` scripted (loops over
   query chunks stay dynamic), the encoder traced around it; any batch size.
 * ``onnx`` (needs ``onnx``): opset 17, dynamic batch axis. The legacy exporter cannot translate the
   head's ``mm(out=...)`` chunk loop, so the ONNX graph uses :class:`OnnxBankHead`, the same Eq. 4 as one
@@ -28,7 +28,7 @@ Example:
     >>> torch.jit.load("demo.ts")(torch.rand(2, 1, 64, 64))   # (2,) scores in [0, 1]
 
 See Also:
-    :mod:`salad_med.inference` (the same scores in Python), :mod:`salad_med.scoring` (Eq. 4).
+    :mod:`salad_med.evaluation.inference` (the same scores in Python), :mod:`salad_med.scoring.scorers` (Eq. 4).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from preprocessing.atomic import atomic_path, atomic_write_text
 from salad_med import __version__
 from salad_med.config import config_from_dict, config_to_dict
 from salad_med.errors import ConfigError, SaladMedError
-from salad_med.logging_utils import get_logger
+from salad_med.log import get_logger
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -84,7 +84,7 @@ class AnomalyScoreNet(nn.Module):
 
     Args:
         encoder: a :mod:`salad_med.nets` auto-encoder (only ``encode`` is used).
-        head: ``z (B, D) -> (B,)`` (:class:`~salad_med.scoring.BankScoreHead` or :class:`OnnxBankHead`).
+        head: ``z (B, D) -> (B,)`` (:class:`~salad_med.scoring.scorers.BankScoreHead` or :class:`OnnxBankHead`).
     """
 
     def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
@@ -99,10 +99,10 @@ class AnomalyScoreNet(nn.Module):
 class OnnxBankHead(nn.Module):
     """Eq. 4 + normalisation without chunk loop or in-place ops (what the ONNX exporter can translate).
 
-    Same maths as :func:`salad_med.scoring.bank_anomaly_scores` on the whole batch at once:
+    Same maths as :func:`salad_med.scoring.scorers.bank_anomaly_scores` on the whole batch at once:
     ``d = clamp(q M^T, -1, 1)`` (B, N); ``paper``: ``sum_topK arccos(d) / (K sum_N arccos(d))``;
     ``official``: ``mean_topK arccos(d) / pi``; then ``clamp((s - offset) / scale, 0, 1)``.
-    Built from a fitted :class:`~salad_med.scoring.BankScoreHead`; equality is tested.
+    Built from a fitted :class:`~salad_med.scoring.scorers.BankScoreHead`; equality is tested.
     """
 
     def __init__(self, head: nn.Module) -> None:
@@ -138,7 +138,7 @@ def _quiet_deprecations():
 
 
 def _check_exportable(run) -> None:
-    from salad_med.inference import BANK_METHODS
+    from salad_med.evaluation.inference import BANK_METHODS
 
     if run.method not in BANK_METHODS:
         msg = (f"export: method {run.method!r} is not bank-scored; only {list(BANK_METHODS)} runs can be "
@@ -150,7 +150,7 @@ def build_score_net(run, onnx_friendly: bool = False) -> AnomalyScoreNet:
     """The eval-mode, gradient-free :class:`AnomalyScoreNet` of a loaded run (on CPU).
 
     Args:
-        run: a :class:`~salad_med.inference.RunModel` of a bank-scored method.
+        run: a :class:`~salad_med.evaluation.inference.RunModel` of a bank-scored method.
         onnx_friendly: use :class:`OnnxBankHead` instead of the scorer's own module.
 
     Raises:
@@ -290,7 +290,7 @@ def _verify_onnx(run, path: Path, net: AnomalyScoreNet, opset: int) -> float | N
 class LoadRunImaged(MapTransform):
     """Dict transform: a file path -> the (1, S, S) tensor a run scores (its preprocessing, exactly).
 
-    Runs :meth:`salad_med.inference.RunModel.load_image` (pipeline of ``config``, resize to
+    Runs :meth:`salad_med.evaluation.inference.RunModel.load_image` (pipeline of ``config``, resize to
     ``data.image_size``, quantisation to ``preprocess.bit_depth``) and returns a
     :class:`~monai.data.MetaTensor` whose ``filename_or_obj`` is the path.
 
@@ -302,7 +302,7 @@ class LoadRunImaged(MapTransform):
 
     def __init__(self, keys: KeysCollection, config: Mapping[str, Any], allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        from salad_med.inference import RunModel
+        from salad_med.evaluation.inference import RunModel
 
         cfg = config_from_dict(dict(config), source="bundle config")
         # preprocessing only: no network or scorer is needed to load an image
@@ -322,7 +322,7 @@ LoadRunImageD = LoadRunImageDict = LoadRunImaged
 
 def bundle_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
     """``[{"image": path}, ...]`` for every image file under ``dataset_dir`` (recursive, sorted)."""
-    from salad_med.inference import expand_inputs
+    from salad_med.evaluation.inference import expand_inputs
 
     return [{"image": str(p)} for p in expand_inputs([dataset_dir])]
 
@@ -487,7 +487,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str, output: str | os.PathLike,
     if fmt not in EXPORT_FORMATS:
         msg = f"--format {fmt!r} is not one of {list(EXPORT_FORMATS)}"
         raise ConfigError(msg)
-    from salad_med.inference import load_run
+    from salad_med.evaluation.inference import load_run
 
     run = load_run(run_dir, checkpoint=checkpoint, device="cpu")
     _check_exportable(run)

@@ -99,7 +99,7 @@ def tiny_split(tmp_path_factory) -> Path:
 def tiny_run(tiny_split, tmp_path_factory) -> Path:
     """A SALAD run directory trained for 2 epochs on :func:`tiny_split` (best.pt, last.pt, config.yaml...)."""
     from salad_med.config import load_config
-    from salad_med.trainer import train_from_manifest
+    from salad_med.engine.trainer import train_from_manifest
 
     run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
     cfg = load_config("demo", TINY_OVERRIDES)
@@ -120,8 +120,8 @@ def tiny_dicom_run(tmp_path_factory):
     from types import SimpleNamespace
 
     from salad_med.config import load_config
-    from salad_med.synthetic import write_dicom_tree
-    from salad_med.trainer import train_from_manifest
+    from salad_med.engine.trainer import train_from_manifest
+    from salad_med.synthetic.phantom import write_dicom_tree
 
     root = tmp_path_factory.mktemp("tiny_dicom_run")
     files = write_dicom_tree(root / "dicom", n=24, seed=1, size=(96, 96))

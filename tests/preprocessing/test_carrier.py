@@ -16,7 +16,7 @@ import torch
 from monai.data import MetaTensor
 
 from preprocessing.carrier import CarrierResult, CropToCarrier, detect_carrier, polygon_mask, work_copy
-from salad_med.synthetic import make_phantom, random_spec, write_dicom
+from salad_med.synthetic.phantom import make_phantom, random_spec, write_dicom
 
 # (carrier, rotation, out_of_frame, bits, monochrome1, body_part, height, width): 24 with a carrier
 CARRIER_CASES = [

@@ -10,7 +10,7 @@ from monai.data import MetaTensor
 from PIL import Image
 
 from preprocessing.intensity import FixPolarity, NormalizeRadiograph, background_is_bright, robust_percentiles
-from salad_med.synthetic import write_mura_tree
+from salad_med.synthetic.phantom import write_mura_tree
 
 TYPES = (np.asarray, torch.as_tensor, MetaTensor)
 

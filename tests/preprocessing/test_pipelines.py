@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 from preprocessing.errors import ReadError
 from preprocessing.pipelines import DEFAULT_SIZES, get_pipeline, pipeline_options, root_cause
 from salad_med.config import PreprocessConfig
-from salad_med.synthetic import PhantomSpec, make_phantom, write_dicom, write_png
+from salad_med.synthetic.phantom import PhantomSpec, make_phantom, write_dicom, write_png
 
 SIZE = 96
 

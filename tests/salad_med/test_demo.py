@@ -7,7 +7,7 @@ import json
 import pandas as pd
 from typer.testing import CliRunner
 
-from salad_med.cli import app
+from salad_med.cli.app import app
 
 runner = CliRunner()
 

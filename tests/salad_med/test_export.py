@@ -13,12 +13,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from salad_med.cli import app
+from salad_med.cli.app import app
 from salad_med.config import load_config
 from salad_med.errors import ConfigError
+from salad_med.evaluation.inference import RunModel, load_run
 from salad_med.export import OnnxBankHead, export_onnx, export_torchscript
-from salad_med.inference import RunModel, load_run
-from salad_med.scoring import BankScorer
+from salad_med.scoring.scorers import BankScorer
 
 runner = CliRunner()
 TOL = 1e-5
@@ -139,7 +139,7 @@ def test_export_errors(tmp_path, tiny_dicom_run):
 
 
 def test_score_cli_writes_an_sr_per_dicom_input(tmp_path, tiny_dicom_run, run_model, reference):
-    from salad_med.dicom_sr import read_score_sr
+    from salad_med.dicom.sr import read_score_sr
 
     paths, df, _ = reference
     result = runner.invoke(app, ["score", *paths[:3], "--run", str(tiny_dicom_run.run_dir), "-o", str(tmp_path)])

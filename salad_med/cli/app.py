@@ -1,0 +1,99 @@
+"""The ``salad-med`` command line (typer).
+
+Commands live in :mod:`salad_med.cli.commands` and register themselves on :data:`app`; each stays thin
+and calls library code. Library code raises; :func:`cli_errors` turns errors into one line on stderr
+and an exit code: 2 for bad arguments/config, 1 for failures (full traceback with ``--verbose``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+
+from salad_med import __version__
+from salad_med.errors import ConfigError
+from salad_med.log import configure_logging, get_logger
+
+__all__ = ["app", "main", "cli_errors", "ConfigOption", "SetOption"]
+
+app = typer.Typer(
+    name="salad-med",
+    help="SALAD anomaly detection on X-rays: preprocess, split, train, evaluate, score, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_state = {"verbose": False}
+
+#: Shared ``--config`` / ``--set`` options for every command that takes a config.
+ConfigOption = Annotated[
+    str | None, typer.Option("--config", "-c", help="YAML config file (or a name in configs/, e.g. 'demo').")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
+]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"salad-med {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and full tracebacks.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only; no progress bars.")] = False,
+) -> None:
+    """SALAD anomaly detection on X-rays (Bozorgtabar et al., MICCAI 2020) on MONAI."""
+    _state["verbose"] = verbose
+    configure_logging(verbose=verbose, quiet=quiet)
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn library exceptions into one clear line and an exit code (2 config/arguments, 1 failure)."""
+    log = get_logger()
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except ConfigError as err:
+        if _state["verbose"]:
+            log.exception("configuration error")
+        typer.secho(f"error: {err}", err=True, fg="red")
+        raise typer.Exit(code=2) from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # noqa: BLE001 - the CLI boundary reports every failure in one line
+        if _state["verbose"]:
+            log.exception("failure")
+        typer.secho(f"error: {err}", err=True, fg="red")
+        raise typer.Exit(code=1) from None
+
+
+def _register_commands() -> None:
+    """Import every command module; each registers its commands on :data:`app`."""
+    import importlib
+    import pkgutil
+
+    import salad_med.cli.commands as commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"salad_med.cli.commands.{info.name}")
+
+
+_register_commands()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,54 @@
+"""``salad-med score``: anomaly scores of image files/folders with a trained run's preprocessing and model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from salad_med.cli.app import app, cli_errors
+
+__all__ = ["score", "score_inputs"]
+
+
+def score_inputs(run: Path, inputs: list[Path], output: Path, checkpoint: str = "best"):
+    """Score ``inputs`` and write ``output/scores.csv`` (atomically); returns the DataFrame."""
+    from preprocessing.atomic import atomic_path
+    from salad_med.evaluation.inference import load_run
+
+    model = load_run(run, checkpoint)
+    df = model.score_paths(inputs)
+    from salad_med.dicom.sr import write_score_srs  # DICOM inputs also get a DICOM SR (issue 6)
+
+    df["sr_path"] = write_score_srs(df, output / "sr")
+    output.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output / "scores.csv") as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+    return df
+
+
+@app.command()
+def score(
+    inputs: Annotated[list[Path], typer.Argument(help="PNG/JPEG/DICOM files or folders (searched recursively).")],
+    run: Annotated[Path, typer.Option("--run", "-r", help="Run directory of `salad-med train`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder of scores.csv.")] = Path("."),
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best, last or a .pt path.")] = "best",
+) -> None:
+    """Score images (training preprocessing applied): scores.csv with image_id, source_path, score in [0, 1]
+    (higher = more abnormal), raw_score, status (ok|failed) and the reason of each failure.
+
+    Exit code 0 when at least one input was scored, 1 when none could be.
+    """
+    with cli_errors():
+        from salad_med.errors import DataError
+
+        df = score_inputs(run, inputs, output, checkpoint)
+        failed = df[df["status"] != "ok"]
+        for row in failed.itertuples(index=False):
+            typer.secho(f"failed: {row.source_path}: {row.reason}", err=True, fg="yellow")
+        typer.echo(f"scored {len(df) - len(failed)} of {len(df)} inputs ({len(failed)} failed); "
+                   f"wrote {output / 'scores.csv'}")
+        if len(df) == 0 or len(failed) == len(df):
+            msg = "no input could be scored" if len(df) else "no input file found"
+            raise DataError(msg)

@@ -1,0 +1,733 @@
+"""A DICOM C-STORE node that scores received radiographs and answers with Structured Reports.
+
+A pynetdicom Storage SCP (with Verification) that a PACS or modality sends CR / DX / Secondary
+Capture images to. The life of one instance:
+
+1. **Receive** (association thread, :func:`handle_store`): only calling AE titles in the allow list
+   may associate (others are rejected at association, ``require_calling_aet``); only CR, DX and
+   Secondary Capture presentation contexts are offered, so other SOP classes are refused at
+   negotiation. The dataset is checked (decodable, image attributes, pixel data length), written
+   atomically and fsync'ed to ``incoming/<SOPInstanceUID>.dcm`` (plus a JSON sidecar with the calling
+   AE), and only then is success (0x0000) returned and the UID queued.
+2. **Score** (``workers`` threads): batches of up to ``batch_size`` queued files go through the
+   scoring callable (the run's preprocessing + model, :meth:`salad_med.evaluation.inference.RunModel.score_paths`).
+3. **Report**: an SR (:func:`salad_med.dicom.sr.write_score_sr`) is written to ``sr/<UID>.dcm``, one row
+   is appended to ``results.csv``, the image moves to ``done/`` (or ``failed/``).
+4. **Forward** (optional, one thread): SRs are linked into ``outbox/`` and C-STOREd to the destination
+   with retries and exponential back-off; after the last retry they move to ``forward_failed/`` and
+   are retried at the next start. Nothing is deleted on failure.
+
+Crash safety: at start, files left in ``incoming/`` are queued again, except those whose UID already
+has a ``results.csv`` row (crash between the row and the move), which are only moved: each instance
+is scored once. A resent instance already in ``done/`` is acknowledged and not scored again.
+
+Logs: ``audit.jsonl`` holds one JSON line per event (time, event, SOP Instance UID, calling AE,
+status, score, reason). Neither the logs nor ``results.csv`` contain patient names or other PHI.
+Append-only logs are appended one line per ``write`` (``O_APPEND``) and fsync'ed; every other file is
+written atomically (temp file + rename).
+
+Example:
+    >>> from salad_med.evaluation.inference import load_run
+    >>> settings = NodeSettings(output_dir="node_out", allowed_aets=("PACS",), port=11112)
+    >>> with ScoringNode(settings, load_run("runs/demo").score_paths) as node:
+    ...     node.wait()   # until node.stop() (e.g. from a SIGTERM handler)
+
+See Also:
+    pynetdicom ``apps/storescp/storescp.py`` (AE setup in one place, one handler per event).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.sop_class import (
+    ComprehensiveSRStorage,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+
+from preprocessing.atomic import atomic_path, atomic_write_text
+from salad_med import __version__
+from salad_med.dicom.sr import DEFAULT_SERIES_DESCRIPTION, quiet_phi_warnings, write_score_sr
+from salad_med.errors import ConfigError, SaladMedError
+from salad_med.log import get_logger
+
+__all__ = [
+    "ACCEPTED_SOP_CLASSES",
+    "RESULT_COLUMNS",
+    "STATUS_SUCCESS",
+    "STATUS_OUT_OF_RESOURCES",
+    "STATUS_DATASET_MISMATCH",
+    "STATUS_CANNOT_UNDERSTAND",
+    "ForwardTarget",
+    "NodeSettings",
+    "ScoringNode",
+    "ScoreFn",
+    "handle_echo",
+    "handle_store",
+    "handle_rejected",
+    "read_results",
+    "iter_audit",
+]
+
+#: Storage SOP classes the node accepts (everything else is refused at negotiation).
+ACCEPTED_SOP_CLASSES = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
+#: Columns of ``results.csv`` (no PHI).
+RESULT_COLUMNS = ("sop_instance_uid", "study_instance_uid", "calling_ae", "received_at", "scored_at",
+                  "latency_s", "score", "raw_score", "status", "reason", "image_path", "sr_path")
+# C-STORE statuses (PS3.4 Table B.2-1)
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC210
+
+#: ``score_fn(paths) -> DataFrame`` with columns ``source_path, score, raw_score, status, reason``.
+ScoreFn = Callable[[list[Path]], pd.DataFrame]
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_STOP = object()
+_log = get_logger("node")
+
+
+@dataclass(frozen=True)
+class ForwardTarget:
+    """Destination of the SRs: ``HOST:PORT:AE``."""
+
+    host: str
+    port: int
+    ae_title: str
+
+    @classmethod
+    def parse(cls, text: str) -> ForwardTarget:
+        """Parse ``"HOST:PORT:AE"`` (the host may be an IPv4 address or a name).
+
+        Raises:
+            ConfigError: not three fields, or the port is not an integer in 1..65535.
+        """
+        parts = text.rsplit(":", 2)
+        if len(parts) != 3 or not all(p.strip() for p in parts):
+            msg = f"--forward {text!r}: expected HOST:PORT:AE"
+            raise ConfigError(msg)
+        host, port, ae = (p.strip() for p in parts)
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            msg = f"--forward {text!r}: port {port!r} is not in 1..65535"
+            raise ConfigError(msg)
+        return cls(host, int(port), ae)
+
+
+@dataclass
+class NodeSettings:
+    """Everything that configures the node and its AE, in one place.
+
+    Attributes:
+        output_dir: root of ``incoming/ done/ failed/ sr/ outbox/ forward_failed/ results.csv audit.jsonl``.
+        allowed_aets: calling AE titles allowed to associate (at least one).
+        ae_title: our AE title.
+        host: bind address (``"0.0.0.0"``: all interfaces).
+        port: TCP port (0: any free port, see :attr:`ScoringNode.port`).
+        workers: scoring threads.
+        batch_size: most images scored in one call of the scoring callable.
+        batch_wait_s: how long a worker waits for more queued images before scoring a partial batch.
+        forward: where to C-STORE the SRs (``None``: keep them only on disk).
+        forward_retries: extra attempts after a failed forward.
+        forward_backoff_s: first retry delay, doubled at each attempt.
+        acse_timeout, dimse_timeout, network_timeout: pynetdicom timeouts (seconds).
+        maximum_pdu_size: largest PDU we receive (0: unlimited).
+        algorithm_name, algorithm_version, series_description: written into each SR.
+    """
+
+    output_dir: Path
+    allowed_aets: tuple[str, ...]
+    ae_title: str = "SALAD"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    workers: int = 1
+    batch_size: int = 8
+    batch_wait_s: float = 0.05
+    forward: ForwardTarget | None = None
+    forward_retries: int = 3
+    forward_backoff_s: float = 1.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    maximum_pdu_size: int = 0
+    algorithm_name: str = "salad-med"
+    algorithm_version: str = __version__
+    series_description: str = DEFAULT_SERIES_DESCRIPTION
+    algorithm_parameters: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        self.allowed_aets = tuple(a.strip() for a in self.allowed_aets if a and a.strip())
+        if not self.allowed_aets:
+            msg = "at least one allowed calling AE title is required (--allow AE)"
+            raise ConfigError(msg)
+        for title in (self.ae_title, *self.allowed_aets):
+            if len(title) > 16 or "\\" in title or not title.isprintable():
+                msg = f"AE title {title!r}: at most 16 printable characters, no backslash"
+                raise ConfigError(msg)
+        checks = (("workers", self.workers, 1), ("batch_size", self.batch_size, 1),
+                  ("forward_retries", self.forward_retries, 0), ("port", self.port, 0))
+        for name, value, low in checks:
+            if value < low:
+                msg = f"{name} must be >= {low}, got {value}"
+                raise ConfigError(msg)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and fsync it before the rename."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _validate_image(ds: Dataset) -> str | None:
+    """Why ``ds`` cannot be scored as an image (``None`` if it can); forces a full decode.
+
+    Checks image pixel attributes and that Pixel Data is complete: native data holds
+    ``Rows x Columns x SamplesPerPixel x NumberOfFrames x BitsAllocated / 8`` bytes, encapsulated
+    data parses into its frames.
+    """
+    for elem in ds:  # deferred values raise here on a truncated stream
+        _ = elem.value
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated", "PixelData") if k not in ds]
+    if missing:
+        return f"not an image: missing {', '.join(missing)}"
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is not None and UID(syntax).is_encapsulated:
+        return _check_fragments(bytes(ds.PixelData), frames)
+    bits = int(ds.BitsAllocated)
+    pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames
+    expected = (pixels + 7) // 8 if bits == 1 else pixels * bits // 8
+    if len(ds.PixelData) < expected:
+        return f"pixel data truncated: {len(ds.PixelData)} of {expected} bytes"
+    return None
+
+
+def _check_fragments(buf: bytes, frames: int) -> str | None:
+    """Why encapsulated Pixel Data is incomplete (``None`` if every item is whole).
+
+    PS3.5 A.4: a Basic Offset Table item, then one or more non-empty fragment items, each
+    ``(FFFE,E000)`` + 4-byte little endian length + value.
+    """
+    pos, items = 0, []
+    while pos < len(buf):
+        if len(buf) - pos < 8 or buf[pos:pos + 4] != b"\xfe\xff\x00\xe0":
+            return f"encapsulated pixel data: no item tag at byte {pos}"
+        length = int.from_bytes(buf[pos + 4:pos + 8], "little")
+        if pos + 8 + length > len(buf):
+            return f"encapsulated pixel data truncated: item at byte {pos} needs {length} bytes"
+        items.append(length)
+        pos += 8 + length
+    fragments = items[1:]
+    if not fragments or not all(fragments):
+        return "encapsulated pixel data holds no image fragment"
+    if len(fragments) < frames:
+        return f"encapsulated pixel data holds {len(fragments)} fragments for {frames} frames"
+    return None
+
+
+# --------------------------------------------------------------------------- event handlers
+def handle_echo(event: evt.Event) -> int:
+    """C-ECHO: always success."""
+    return STATUS_SUCCESS
+
+
+def handle_store(event: evt.Event, node: ScoringNode) -> int:
+    """C-STORE: validate, persist atomically, then queue; return the DIMSE status."""
+    return node.receive(event)
+
+
+def handle_rejected(event: evt.Event, node: ScoringNode) -> None:
+    """Association rejected (e.g. unknown calling AE title): audit it."""
+    node.audit("association_rejected", calling_ae=event.assoc.requestor.ae_title, status="rejected",
+               address=event.assoc.requestor.address)
+
+
+# --------------------------------------------------------------------------- the node
+class ScoringNode:
+    """Storage SCP + scoring workers + SR forwarder; see the module docstring.
+
+    Args:
+        settings: the node configuration.
+        score_fn: ``score_fn(paths) -> DataFrame`` with one row per path and columns
+            ``source_path, score, raw_score, status ("ok" | other), reason``.
+
+    Attributes:
+        dirs: ``incoming, done, failed, sr, outbox, forward_failed`` folders.
+        results_path: ``results.csv``.
+        audit_path: ``audit.jsonl``.
+    """
+
+    def __init__(self, settings: NodeSettings, score_fn: ScoreFn):
+        self.settings = settings
+        self.score_fn = score_fn
+        root = settings.output_dir
+        self.dirs = {name: root / name for name in ("incoming", "done", "failed", "sr", "outbox",
+                                                   "forward_failed")}
+        self.results_path = root / "results.csv"
+        self.audit_path = root / "audit.jsonl"
+        self._queue: queue.Queue = queue.Queue()
+        self._forward_queue: queue.Queue = queue.Queue()
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+        self._log_lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+        self._forwarder: threading.Thread | None = None
+        self._server = None
+        self._stopped = threading.Event()
+        self._fast_stop = threading.Event()
+        self.ae = self._make_ae()
+
+    # ------------------------------------------------------------------ AE setup (one place)
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        for sop_class in ACCEPTED_SOP_CLASSES:
+            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        ae.require_calling_aet = list(s.allowed_aets)
+        ae.acse_timeout = s.acse_timeout
+        ae.dimse_timeout = s.dimse_timeout
+        ae.network_timeout = s.network_timeout
+        ae.maximum_pdu_size = s.maximum_pdu_size
+        ae.connection_timeout = s.acse_timeout
+        ae.maximum_associations = 64
+        if s.forward is not None:
+            ae.add_requested_context(ComprehensiveSRStorage)
+        return ae
+
+    def _handlers(self) -> list:
+        return [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [self]),
+                (evt.EVT_REJECTED, handle_rejected, [self])]
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with ``port=0``)."""
+        if self._server is None:
+            msg = "the node is not started"
+            raise RuntimeError(msg)
+        return int(self._server.server_address[1])
+
+    def start(self) -> ScoringNode:
+        """Create folders, recover unscored/unforwarded files, start workers, forwarder and server."""
+        for path in self.dirs.values():
+            path.mkdir(parents=True, exist_ok=True)
+        if not self.results_path.exists():
+            atomic_write_text(self.results_path, ",".join(RESULT_COLUMNS) + "\n")
+        self._recover()
+        s = self.settings
+        for i in range(s.workers):
+            thread = threading.Thread(target=self._work, name=f"salad-worker-{i}", daemon=True)
+            thread.start()
+            self._workers.append(thread)
+        if s.forward is not None:
+            self._forwarder = threading.Thread(target=self._forward_loop, name="salad-forward", daemon=True)
+            self._forwarder.start()
+        try:
+            self._server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=self._handlers())
+        except OSError as err:
+            self.stop(drain=False)
+            msg = f"cannot listen on {s.host}:{s.port} ({err.strerror or err})"
+            raise SaladMedError(msg) from None
+        self.audit("node_started", status="ok", port=self.port, ae_title=s.ae_title,
+                   queued=self._queue.qsize())
+        _log.info("DICOM node %s listening on %s:%d (allowed: %s)", s.ae_title, s.host, self.port,
+                  ", ".join(s.allowed_aets))
+        return self
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting associations, then (``drain``) score everything queued and forward it.
+
+        Without ``drain`` the workers stop after their current batch; what is left in ``incoming/``
+        or ``outbox/`` is picked up at the next start.
+        """
+        if self._stopped.is_set():
+            return
+        if self._server is not None:
+            self._server.shutdown()  # no new associations
+            deadline = time.monotonic() + (timeout or self.settings.network_timeout)
+            while self._server.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if not drain:
+            self._fast_stop.set()
+        for _ in self._workers:
+            self._queue.put(_STOP)
+        for thread in self._workers:
+            thread.join(timeout)
+        if self._forwarder is not None:
+            self._forward_queue.put(_STOP)
+            self._forwarder.join(timeout)
+        self.audit("node_stopped", status="ok", drained=drain, left=len(self._pending))
+        self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`stop` has finished (True) or ``timeout`` passed (False)."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> ScoringNode:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(drain=True)
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until nothing is queued, being scored or waiting to be forwarded (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                busy = bool(self._pending)
+            if not busy and self._forward_queue.unfinished_tasks == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+    # ------------------------------------------------------------------ logs
+    def _append(self, path: Path, text: str) -> None:
+        """Append whole lines with one ``write`` on an ``O_APPEND`` descriptor, then fsync."""
+        data = text.encode("utf-8")
+        with self._log_lock:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def audit(self, event: str, *, sop_instance_uid: str | None = None, calling_ae: str | None = None,
+              status: str, score: float | None = None, reason: str | None = None, **extra) -> None:
+        """Append one JSON line to ``audit.jsonl`` (UIDs, AE titles, numbers: never patient data)."""
+        record = {"time": _now(), "event": event, "sop_instance_uid": sop_instance_uid,
+                  "calling_ae": calling_ae, "status": status, "score": score, "reason": reason, **extra}
+        self._append(self.audit_path, json.dumps(record, default=str) + "\n")
+
+    def _append_results(self, rows: list[dict]) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+        writer.writerows(rows)
+        self._append(self.results_path, buf.getvalue())
+
+    def _recorded_uids(self) -> set[str]:
+        if not self.results_path.exists():
+            return set()
+        with open(self.results_path, newline="", encoding="utf-8") as fh:
+            return {row["sop_instance_uid"] for row in csv.DictReader(fh) if row.get("sop_instance_uid")}
+
+    # ------------------------------------------------------------------ receive (association threads)
+    def receive(self, event: evt.Event) -> int:
+        """Handle one C-STORE; returns the DIMSE status. Never raises (the node stays up)."""
+        calling_ae = event.assoc.requestor.ae_title
+        uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+        try:
+            return self._receive(event, uid, calling_ae)
+        except Exception as err:  # noqa: BLE001 - one bad instance must not stop the node
+            self.audit("store", sop_instance_uid=uid or None, calling_ae=calling_ae, status="failed",
+                       reason=f"unexpected error: {type(err).__name__}: {err}")
+            _log.exception("C-STORE of %s failed", uid or "<no UID>")
+            return STATUS_CANNOT_UNDERSTAND
+
+    def _refuse(self, status: int, uid: str, calling_ae: str, reason: str) -> int:
+        self.audit("store", sop_instance_uid=uid or None, calling_ae=calling_ae, status="refused",
+                   reason=reason, dimse_status=f"0x{status:04X}")
+        _log.warning("refused %s from %s: %s", uid or "<no UID>", calling_ae, reason)
+        return status
+
+    def _receive(self, event: evt.Event, uid: str, calling_ae: str) -> int:
+        if not _UID_RE.match(uid) or len(uid) > 64:
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, "", calling_ae,
+                                f"invalid Affected SOP Instance UID {uid[:70]!r}")
+        try:
+            with quiet_phi_warnings():
+                ds = event.dataset
+                ds.file_meta = event.file_meta
+                problem = _validate_image(ds)
+        except Exception as err:  # noqa: BLE001 - undecodable stream
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, uid, calling_ae, f"cannot decode dataset: {err}")
+        if problem is None and str(ds.get("SOPInstanceUID", "")) != uid:
+            problem = "SOP Instance UID of the dataset differs from the C-STORE request"
+        if problem is not None:
+            return self._refuse(STATUS_DATASET_MISMATCH, uid, calling_ae, problem)
+        if (self.dirs["done"] / f"{uid}.dcm").exists():
+            self.audit("store", sop_instance_uid=uid, calling_ae=calling_ae, status="duplicate",
+                       reason="already scored; not scored again")
+            return STATUS_SUCCESS
+        received_at = time.time()
+        meta = {"calling_ae": calling_ae, "received_at": received_at,
+                "study_instance_uid": str(ds.get("StudyInstanceUID", ""))}
+        try:
+            atomic_write_text(self._sidecar(uid), json.dumps(meta))
+            _fsync_write(self.dirs["incoming"] / f"{uid}.dcm", event.encoded_dataset(include_meta=True))
+        except OSError as err:
+            return self._refuse(STATUS_OUT_OF_RESOURCES, uid, calling_ae, f"cannot persist: {err.strerror}")
+        self.audit("store", sop_instance_uid=uid, calling_ae=calling_ae, status="queued")
+        self._enqueue(uid)
+        return STATUS_SUCCESS
+
+    def _sidecar(self, uid: str) -> Path:
+        return self.dirs["incoming"] / f"{uid}.json"
+
+    def _enqueue(self, uid: str) -> None:
+        with self._lock:
+            if uid in self._pending:
+                return
+            self._pending.add(uid)
+        self._queue.put(uid)
+
+    def _recover(self) -> None:
+        """Queue what a previous run received but did not score, and SRs it did not forward."""
+        incoming = sorted(self.dirs["incoming"].glob("*.dcm"), key=lambda p: p.stat().st_mtime)
+        recorded = self._recorded_uids() if incoming else set()
+        requeued = 0
+        for path in incoming:
+            uid = path.stem
+            if uid in recorded:  # crashed after the results row, before the move
+                self._finish_files(uid, "done")
+            else:
+                self._enqueue(uid)
+                requeued += 1
+        for path in sorted(self.dirs["forward_failed"].glob("*.dcm")):
+            os.replace(path, self.dirs["outbox"] / path.name)
+        outbox = sorted(self.dirs["outbox"].glob("*.dcm"))
+        if self.settings.forward is not None:
+            for path in outbox:
+                self._forward_queue.put(path)
+        if requeued or outbox:
+            self.audit("recovered", status="ok", requeued=requeued, to_forward=len(outbox))
+            _log.info("recovered %d unscored instance(s), %d SR(s) to forward", requeued, len(outbox))
+
+    # ------------------------------------------------------------------ score (worker threads)
+    def _next_batch(self) -> tuple[list[str], bool]:
+        item = self._queue.get()
+        if item is _STOP:
+            return [], True
+        batch, stop = [item], False
+        deadline = time.monotonic() + self.settings.batch_wait_s
+        while len(batch) < self.settings.batch_size:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stop = True
+                break
+            batch.append(item)
+        return batch, stop
+
+    def _work(self) -> None:
+        while True:
+            batch, stop = self._next_batch()
+            if batch and not (self._fast_stop.is_set()):
+                try:
+                    self._score_batch(batch)
+                except Exception:  # noqa: BLE001 - keep the worker alive; files stay in incoming/
+                    _log.exception("scoring batch of %d failed unexpectedly", len(batch))
+                finally:
+                    with self._lock:
+                        self._pending.difference_update(batch)
+            if stop:
+                return
+
+    def _run_score_fn(self, paths: list[Path]) -> dict[str, dict]:
+        """``{str(path): row}`` from the scoring callable; a crash fails the batch, not the node."""
+        try:
+            frame = self.score_fn(paths)
+        except Exception as err:  # noqa: BLE001 - record the failure for each image
+            reason = f"scoring failed: {type(err).__name__}: {err}"
+            return {str(p): {"status": "failed", "reason": reason} for p in paths}
+        rows = {}
+        for row in frame.to_dict("records"):
+            rows[str(Path(row["source_path"]))] = row
+        return rows
+
+    def _score_batch(self, uids: Sequence[str]) -> None:
+        s = self.settings
+        paths = [self.dirs["incoming"] / f"{uid}.dcm" for uid in uids]
+        results = self._run_score_fn(paths)
+        records, to_forward = [], []
+        for uid, path in zip(uids, paths, strict=True):
+            meta = self._read_sidecar(uid)
+            row = results.get(str(path), {"status": "failed", "reason": "no result from the scorer"})
+            score, raw = row.get("score"), row.get("raw_score")
+            status, reason = str(row.get("status", "failed")), str(row.get("reason") or "")
+            sr_path = ""
+            if status == "ok" and not _finite(score):
+                status, reason = "failed", f"non-finite score {score!r}"
+            if status == "ok":
+                try:
+                    sr_path = str(write_score_sr(
+                        path, float(score), self.dirs["sr"] / f"{uid}.dcm",
+                        algorithm_name=s.algorithm_name, algorithm_version=s.algorithm_version,
+                        raw_score=float(raw) if _finite(raw) else None,
+                        series_description=s.series_description,
+                        algorithm_parameters=s.algorithm_parameters or None))
+                except Exception as err:  # noqa: BLE001 - e.g. a source without Study UID
+                    status, reason = "failed", f"cannot write SR: {err}"
+            scored_at = time.time()
+            records.append({
+                "sop_instance_uid": uid, "study_instance_uid": meta.get("study_instance_uid", ""),
+                "calling_ae": meta.get("calling_ae", ""), "received_at": f"{meta.get('received_at', 0):.3f}",
+                "scored_at": f"{scored_at:.3f}",
+                "latency_s": f"{scored_at - meta['received_at']:.3f}" if "received_at" in meta else "",
+                "score": f"{float(score):.6g}" if status == "ok" else "",
+                "raw_score": f"{float(raw):.6g}" if status == "ok" and _finite(raw) else "",
+                "status": status, "reason": reason,
+                "image_path": str(Path("done" if status == "ok" else "failed") / f"{uid}.dcm"),
+                "sr_path": sr_path,
+            })
+            if sr_path:
+                to_forward.append(Path(sr_path))
+        self._append_results(records)  # the row is the commit point (see _recover)
+        for rec in records:
+            self._finish_files(rec["sop_instance_uid"], "done" if rec["status"] == "ok" else "failed")
+            self.audit("scored" if rec["status"] == "ok" else "score_failed",
+                       sop_instance_uid=rec["sop_instance_uid"], calling_ae=rec["calling_ae"],
+                       status=rec["status"], score=float(rec["score"]) if rec["score"] else None,
+                       reason=rec["reason"] or None)
+        if s.forward is not None:
+            for sr in to_forward:
+                link = self.dirs["outbox"] / sr.name
+                with contextlib.suppress(FileExistsError):
+                    os.link(sr, link)
+                self._forward_queue.put(link)
+
+    def _read_sidecar(self, uid: str) -> dict:
+        try:
+            return json.loads(self._sidecar(uid).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def _finish_files(self, uid: str, where: str) -> None:
+        src = self.dirs["incoming"] / f"{uid}.dcm"
+        if src.exists():
+            os.replace(src, self.dirs[where] / src.name)
+        self._sidecar(uid).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ forward (one thread)
+    def _forward_loop(self) -> None:
+        while True:
+            item = self._forward_queue.get()
+            if item is _STOP:
+                self._forward_queue.task_done()
+                return
+            batch = [item]
+            while len(batch) < 64:
+                try:
+                    nxt = self._forward_queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    self._forward_queue.put(_STOP)
+                    self._forward_queue.task_done()
+                    break
+                batch.append(nxt)
+            try:
+                self._forward(batch)
+            except Exception:  # noqa: BLE001 - files stay in outbox/, retried at next start
+                _log.exception("forwarding failed unexpectedly")
+            finally:
+                for _ in batch:
+                    self._forward_queue.task_done()
+
+    def _forward(self, paths: list[Path]) -> None:
+        target = self.settings.forward
+        assert target is not None
+        pending, reason = list(paths), ""
+        for attempt in range(self.settings.forward_retries + 1):
+            if attempt:
+                time.sleep(self.settings.forward_backoff_s * 2 ** (attempt - 1))
+            pending, reason = self._send(target, pending)
+            if not pending:
+                return
+        for path in pending:
+            os.replace(path, self.dirs["forward_failed"] / path.name)
+            self.audit("forward_failed", sop_instance_uid=path.stem, status="failed", reason=reason,
+                       destination=f"{target.host}:{target.port}:{target.ae_title}")
+            _log.warning("could not forward the SR of %s: %s", path.stem, reason)
+
+    def _send(self, target: ForwardTarget, paths: list[Path]) -> tuple[list[Path], str]:
+        """One association; returns the paths not stored and the last reason."""
+        assoc = self.ae.associate(target.host, target.port, ae_title=target.ae_title)
+        if not assoc.is_established:
+            return paths, f"association with {target.ae_title}@{target.host}:{target.port} failed"
+        failed, reason = [], ""
+        try:
+            for i, path in enumerate(paths):
+                try:
+                    status = assoc.send_c_store(path)
+                except Exception as err:  # noqa: BLE001 - e.g. the peer aborted: retry the rest later
+                    failed.extend(paths[i:])
+                    reason = f"C-STORE failed: {type(err).__name__}: {err}"
+                    break
+                code = getattr(status, "Status", None)
+                if code == STATUS_SUCCESS:
+                    path.unlink(missing_ok=True)
+                    self.audit("forwarded", sop_instance_uid=path.stem, status="ok",
+                               destination=f"{target.host}:{target.port}:{target.ae_title}")
+                else:
+                    failed.append(path)
+                    reason = "no response" if code is None else f"C-STORE status 0x{code:04X}"
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return failed, reason
+
+    # ------------------------------------------------------------------ reading results
+    def results(self) -> pd.DataFrame:
+        """``results.csv`` as a DataFrame (UIDs kept as strings)."""
+        return read_results(self.results_path)
+
+
+def _finite(value) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def read_results(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a node's ``results.csv`` with UID and AE columns as strings."""
+    return pd.read_csv(path, dtype={"sop_instance_uid": str, "study_instance_uid": str, "calling_ae": str,
+                                    "reason": str, "sr_path": str, "image_path": str},
+                       keep_default_na=False, na_values={"score": [""], "raw_score": [""],
+                                                         "latency_s": [""]})
+
+
+def iter_audit(path: str | os.PathLike) -> Iterator[dict]:
+    """Yield the records of an ``audit.jsonl`` file."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
