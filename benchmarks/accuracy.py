@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     from rich.console import Console
 
-    from salad_med.cli.commands.compare import format_table, run_compare
     from salad_med.config import load_config
     from salad_med.data.preprocess_job import run_preprocess
     from salad_med.data.splits import make_split, write_split
+    from salad_med.evaluation.compare import format_table, run_compare
 
     if not SHARED.is_dir():
         print(f"shared data not found at {SHARED}: skipped")

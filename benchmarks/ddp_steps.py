@@ -43,7 +43,8 @@ def _worker(rank: int, world: int, port: int, threads: int, args: dict, commands
     from salad_med.config import ModelConfig
     from salad_med.engine.distributed import all_gather_cat, local_batch_size
     from salad_med.methods.components.bank import MemoryBank
-    from salad_med.methods.salad.loss import SaladLoss, neighbourhoods
+    from salad_med.methods.salad.loss import SaladLoss
+    from salad_med.methods.salad.neighbourhoods import neighbourhoods
     from salad_med.nets import build_network
 
     if world > 1:

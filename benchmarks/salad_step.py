@@ -23,7 +23,8 @@ import torch
 
 from salad_med.config import ModelConfig
 from salad_med.methods.components.bank import MemoryBank
-from salad_med.methods.salad.loss import SaladLoss, neighbourhoods
+from salad_med.methods.salad.loss import SaladLoss
+from salad_med.methods.salad.neighbourhoods import neighbourhoods
 from salad_med.nets import build_network
 
 TARGET = 1.05
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     sd_net, sd_opt = _make(args.size, args.base_channels, 0)
     bank = MemoryBank(args.bank, 200, seed=0)
     nb = neighbourhoods(bank.features, round=1, rounds=10, schedule="paper", k=100)
-    ae_loss = SaladLoss.for_method("dae")
+    ae_loss = SaladLoss(use_ss=False, use_agg=False, use_views=False)  # the DAE loss
     sd_loss = SaladLoss(lam=0.25, tau=0.1)
 
     def ae_step() -> None:

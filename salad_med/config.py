@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -39,6 +40,7 @@ __all__ = [
     "config_to_dict",
     "save_config",
     "apply_overrides",
+    "config_field",
     "CONFIG_DIR",
 ]
 
@@ -46,13 +48,17 @@ __all__ = [
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _field(default: Any, *, choices: tuple | None = None, min: float | None = None,
-           max: float | None = None, help: str = "") -> Any:
-    """A dataclass field with validation metadata (``choices``, inclusive ``min``/``max``)."""
-    meta = {"choices": choices, "min": min, "max": max, "help": help}
+def config_field(default: Any, *, choices: tuple | None = None, min: float | None = None,
+           max: float | None = None, help: str = "", exclusive_min: bool = False) -> Any:
+    """A dataclass field with validation metadata (``choices``, ``min``/``max`` inclusive unless
+    ``exclusive_min``)."""
+    meta = {"choices": choices, "min": min, "max": max, "help": help, "exclusive_min": exclusive_min}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+_field = config_field
 
 
 @dataclass
@@ -65,6 +71,8 @@ class DataConfig:
     num_workers: int = _field(0, min=0, max=64, help="DataLoader worker processes")
     skip_missing: bool = _field(False, help="record and skip missing/unreadable manifest files")
     augment: bool = _field(True, help="random augmented views for the sample-specific loss")
+    allow_resize: bool = _field(False,
+                                help="resample preprocessed images whose size differs from data.image_size")
 
 
 @dataclass
@@ -110,23 +118,26 @@ class ModelConfig:
 class TrainConfig:
     """SALAD trainer hyper-parameters (paper defaults; official-code deviations are switches)."""
 
-    method: str = _field("salad", choices=("salad", "dae", "memdae", "salad_no_rec", "salad_no_agg",
-                                            "deep_svdd"), help="SALAD or a Table 1 baseline/ablation")
+    method: str = _field("salad", help="registered method (salad-med config show --methods lists them)")
     batch_size: int = _field(16, min=1, max=4096,
                              help="GLOBAL batch per step (paper: 16); under torchrun each of the W ranks "
                                   "takes batch_size / W (must divide)")
-    lr: float = _field(1e-4, min=0.0, max=1.0)
-    beta1: float = _field(0.5, min=0.0, max=1.0)
-    beta2: float = _field(0.999, min=0.0, max=1.0)
-    weight_decay: float = _field(0.0, min=0.0, max=1.0)
+    lr: float = _field(1e-4, min=0.0, max=1.0, exclusive_min=True, help="Adam learning rate (paper: 1e-4)")
+    beta1: float = _field(0.5, min=0.0, max=1.0, help="Adam beta1 (paper: 0.5; official code: 0.9)")
+    beta2: float = _field(0.999, min=0.0, max=1.0, help="Adam beta2")
+    weight_decay: float = _field(0.0, min=0.0, max=1.0, help="Adam weight decay (official code: 1e-6)")
     pretrain_epochs: int = _field(50, min=0, max=10000, help="E0: epochs of L_rec + lambda L_ss")
     rounds: int = _field(10, min=0, max=1000, help="R: progressive rounds adding L_agg")
     epochs_per_round: int = _field(50, min=1, max=10000, help="E: epochs per round")
     tau: float = _field(0.1, min=1e-4, max=10.0, help="softmax temperature")
     lam: float = _field(0.25, min=0.0, max=100.0, help="lambda weighting L_ss + L_agg")
     bank_momentum: float = _field(0.5, min=0.0, max=1.0, help="t in m <- norm((1-t) m + t z)")
-    k: int = _field(100, min=1, max=100000, help="neighbourhood size K of the last round")
+    k: int = _field(100, min=1, max=100000, help="neighbourhood size K of the last round (k_r = round(K r / R): "
+                                                 "our reading of the paper's progressive widening)")
     rec_loss: str = _field("mse", choices=("mse", "l1"), help="mse (paper) or l1 (official code)")
+    rec_reduction: str = _field("mean", choices=("mean", "sum"),
+                                help="L_rec over an image's pixels: sum (the paper's ||x - x_hat||^2) or mean "
+                                     "(official code); sum weighs L_rec S^2 times more against lambda")
     schedule: str = _field("paper", choices=("paper", "official"), help="neighbourhood schedule")
     official_neighbours: int = _field(10, min=1, max=1000, help="neighbours per anchor (official)")
     augment_views: int = _field(1, min=0, max=16, help="augmented views per image for AUG_i")
@@ -161,6 +172,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    params: dict = _field({}, help="the method's own hyper-parameters (salad-med config show lists them)")
 
 
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -198,6 +210,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        if value is None:
+            return {}
     elif origin is list:
         if isinstance(value, list):
             (item_tp,) = typing.get_args(tp) or (Any,)
@@ -233,8 +250,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str | None) -> 
         if meta.get("choices") is not None and value not in meta["choices"]:
             msg = f"{_where(source, key)}: {value!r} is not one of {list(meta['choices'])}"
             raise ConfigError(msg)
-        if meta.get("min") is not None and value < meta["min"]:
-            msg = f"{_where(source, key)}: {value!r} is below the minimum {meta['min']}"
+        if meta.get("min") is not None and (value < meta["min"] or
+                                            (meta.get("exclusive_min") and value == meta["min"])):
+            bound = f"must be above {meta['min']}" if meta.get("exclusive_min") else f"is below the minimum {meta['min']}"
+            msg = f"{_where(source, key)}: {value!r} {bound}"
             raise ConfigError(msg)
         if meta.get("max") is not None and value > meta["max"]:
             msg = f"{_where(source, key)}: {value!r} is above the maximum {meta['max']}"
@@ -251,10 +270,49 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
     """Validate a nested dict (missing keys take defaults) into a :class:`Config`.
 
+    ``train.method`` must name a registered method; ``params`` is validated against that method's
+    ``Params`` dataclass (unknown key, wrong type or out-of-range value -> error) and filled with its
+    defaults.
+
     Raises:
         ConfigError: unknown key, wrong type or out-of-range value; the message names key and source.
     """
-    return _build(Config, data or {}, "", source)
+    cfg = _build(Config, data or {}, "", source)
+    from salad_med.methods.registry import get_method
+
+    try:
+        method = get_method(cfg.train.method)
+    except ConfigError as err:
+        msg = f"{_where(source, 'train.method')}: {str(err).split(': ', 1)[-1]}"
+        raise ConfigError(msg) from None
+    if method.Params is not None:
+        cfg.params = dataclasses.asdict(_build(method.Params, cfg.params or {}, "params.", source))
+    elif cfg.params:
+        msg = f"{_where(source, 'params')}: method {cfg.train.method!r} takes no params (got {sorted(cfg.params)})"
+        raise ConfigError(msg)
+    return cfg
+
+
+def _method_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the chosen method's ``defaults`` filled in where the user set nothing."""
+    from salad_med.methods.registry import get_method
+
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    name = train.get("method", TrainConfig.method)
+    try:
+        defaults = get_method(name).defaults if isinstance(name, str) else {}
+    except ConfigError:
+        return data  # reported by config_from_dict with the file name
+    for dotted, value in defaults.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node.setdefault(parts[-1], value)
+    return data
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any, source: str) -> None:
@@ -320,11 +378,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             msg = f"{source}: top level must be a mapping"
             raise ConfigError(msg)
     # validate the file alone first so that its errors name the file, then with overrides
-    config_from_dict(data, source)
+    config_from_dict(_method_defaults(copy.deepcopy(data)), source)
     if overrides:
         data = apply_overrides(data, overrides)
-        return config_from_dict(data, f"{source} (with --set)")
-    return config_from_dict(data, source)
+        return config_from_dict(_method_defaults(data), f"{source} (with --set)")
+    return config_from_dict(_method_defaults(data), source)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:

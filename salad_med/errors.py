@@ -6,7 +6,7 @@ Library code raises these; only :mod:`salad_med.cli.app` turns them into one-lin
 
 from __future__ import annotations
 
-__all__ = ["SaladMedError", "ConfigError", "DataError", "CheckpointError"]
+__all__ = ["SaladMedError", "ConfigError", "DataError", "CheckpointError", "DegenerateScoreError", "RunExistsError"]
 
 
 class SaladMedError(Exception):
@@ -23,3 +23,11 @@ class DataError(SaladMedError):
 
 class CheckpointError(SaladMedError):
     """A checkpoint is missing, corrupted or from another architecture/config."""
+
+
+class DegenerateScoreError(SaladMedError):
+    """Scores with no spread (constant, near-constant or non-finite): no metric, selection or output."""
+
+
+class RunExistsError(SaladMedError):
+    """The output folder already holds a finished run (CLI exit code 2: pass --resume or --overwrite)."""

@@ -111,7 +111,8 @@ def tiny_run(tiny_split, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dicom_run(tmp_path_factory):
     """A SALAD run (conv6, 32x32) trained for 6 epochs on 24 DICOM phantoms (96x96; CR/DX, MONOCHROME1/2,
-    8/12/16 bits, explicit/implicit little endian and RLE), with a non-degenerate score spread.
+    8/12/16 bits, explicit/implicit little endian and RLE; 16 train, 8 val of which 2 abnormal), with a
+    non-degenerate score spread.
 
     Returns:
         ``SimpleNamespace(run_dir, dicom_dir, files)``; ``files`` is the ``write_dicom_tree`` table
@@ -126,7 +127,8 @@ def tiny_dicom_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_dicom_run")
     files = write_dicom_tree(root / "dicom", n=24, seed=1, size=(96, 96))
     split = files[["image_id", "source_path", "patient_id", "body_part", "study", "label"]].copy()
-    split["split"] = ["train"] * 16 + ["val"] * 8
+    # val = rows 12-19 (2 abnormal, 6 normal): model selection needs both classes
+    split["split"] = ["train"] * 12 + ["val"] * 8 + ["train"] * 4
     split["group_id"] = split["patient_id"]
     split["known_anomaly"] = False
     split.to_csv(root / "split.csv", index=False)

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from salad_med import __version__
-from salad_med.errors import ConfigError
+from salad_med.errors import ConfigError, RunExistsError
 from salad_med.log import configure_logging, get_logger
 
 __all__ = ["app", "main", "cli_errors", "ConfigOption", "SetOption"]
@@ -36,6 +36,44 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
 ]
+
+
+def _fold_long_help_words() -> None:
+    """Make ``--help`` wrap long words instead of cutting them with "…", at any terminal width.
+
+    typer renders help as rich tables whose columns default to ``overflow="ellipsis"``: an option
+    default, path or ``section.key=value`` longer than the help column was cut. The console typer
+    builds for help now renders every cell with ``overflow="fold"`` (a too-long word continues on the
+    next line), so help text is always complete and the table layout is kept. typer has no public
+    setting for this; if its console factory moves, help renders as before (tests/salad_med/cli/
+    test_app.py catches it).
+    """
+    try:
+        from typer import rich_utils
+    except ImportError:  # typer without rich: click's plain help does not cut words
+        return
+    make_console = getattr(rich_utils, "_get_rich_console", None)
+    if make_console is None or getattr(make_console, "_salad_folds", False):
+        return
+
+    def _folding_console(*args, **kwargs):
+        console = make_console(*args, **kwargs)
+        render_lines = console.render_lines
+
+        def _render_lines(renderable, options=None, *rest, **kw):
+            options = options or console.options
+            if options.overflow in (None, "ellipsis"):
+                options = options.update(overflow="fold")
+            return render_lines(renderable, options, *rest, **kw)
+
+        console.render_lines = _render_lines
+        return console
+
+    _folding_console._salad_folds = True
+    rich_utils._get_rich_console = _folding_console
+
+
+_fold_long_help_words()
 
 
 def _version_callback(value: bool) -> None:
@@ -65,7 +103,7 @@ def cli_errors() -> Iterator[None]:
         yield
     except typer.Exit:
         raise
-    except ConfigError as err:
+    except (ConfigError, RunExistsError) as err:
         if _state["verbose"]:
             log.exception("configuration error")
         typer.secho(f"error: {err}", err=True, fg="red")

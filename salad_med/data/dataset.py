@@ -5,6 +5,8 @@ manifest has one, otherwise ``source_path`` through :func:`preprocessing.pipelin
 same factory ``salad-med preprocess`` uses) and stored as integers in one ``.npy`` file of shape
 ``(N, S, S)`` in the cache folder. The file name is a hash of the manifest rows (ids, paths, file sizes
 and modification times), the pipeline options and the size, so a changed input rebuilds the cache.
+Preprocessed PNGs whose side differs from ``data.image_size`` are refused (one header read per build)
+unless ``data.allow_resize`` is set: a model silently trained on resampled images is not the one asked for.
 The cache is written sequentially and read back one image at a time with ``os.pread``: neither the
 dataset nor its pages are ever held in RAM as float32 (the process RSS stays flat for 40,000 images).
 
@@ -41,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from preprocessing.atomic import atomic_path, atomic_write_text
 from salad_med.config import Config
-from salad_med.errors import DataError
+from salad_med.errors import ConfigError, DataError
 from salad_med.log import get_logger, progress
 
 __all__ = [
@@ -55,6 +57,7 @@ __all__ = [
     "make_pipeline",
     "load_image_uint",
     "load_split_manifest",
+    "check_preprocessed_size",
     "SPLITS",
 ]
 
@@ -81,6 +84,7 @@ def load_split_manifest(path: str | os.PathLike) -> pd.DataFrame:
     if missing:
         msg = f"{path}: not a split manifest, missing column(s) {missing} (run `salad-med split` first)"
         raise DataError(msg)
+    df.attrs["manifest_path"] = str(path)  # named in messages about its rows (kept by row selections)
     return df
 
 
@@ -193,6 +197,61 @@ def input_paths(rows: pd.DataFrame) -> tuple[list[str], list[bool]]:
         paths.append(o or s)
         pre.append(bool(o))
     return paths, pre
+
+
+def _png_side(path: str) -> tuple[int, int] | None:
+    """``(width, height)`` from an image header (PIL reads no pixels), ``None`` if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return tuple(im.size)
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the cache build
+        return None
+
+
+def check_preprocessed_size(rows: pd.DataFrame, cfg: Config, paths: Sequence[str] | None = None,
+                            preprocessed: Sequence[bool] | None = None,
+                            usable: Sequence[bool] | None = None) -> None:
+    """Refuse to silently resample preprocessed PNGs whose side differs from ``data.image_size``.
+
+    Reads the header of the first readable ``output_path`` image only (all outputs of one
+    ``salad-med preprocess`` run share its ``--size``). Rows without ``output_path`` go through the
+    pipeline and are not checked. Nothing is checked with ``data.allow_resize=true``.
+
+    Args:
+        rows: manifest rows; ``rows.attrs["manifest_path"]`` (set by :func:`load_split_manifest`) is
+            named in the message.
+        cfg: resolved config (``data.image_size``, ``data.allow_resize``).
+        paths, preprocessed: :func:`input_paths` of ``rows`` (computed when omitted).
+        usable: per row, whether to consider it (default: every row).
+
+    Raises:
+        ConfigError: the first readable preprocessed image is not ``data.image_size`` square; the message
+            names the manifest, the image, both sizes and what to set.
+    """
+    if cfg.data.allow_resize:
+        return
+    if paths is None or preprocessed is None:
+        paths, preprocessed = input_paths(rows)
+    usable = [True] * len(paths) if usable is None else usable
+    size = cfg.data.image_size
+    for path, pre, use in zip(paths, preprocessed, usable, strict=True):
+        if not (pre and use):
+            continue
+        side = _png_side(path)
+        if side is None:
+            continue
+        if side == (size, size):
+            return
+        width, height = side
+        found = f"{width}" if width == height else f"{width}x{height}"
+        manifest = rows.attrs.get("manifest_path")
+        where = f"{manifest}: " if manifest else ""
+        msg = (f"{where}preprocessed images are {found} pixels (first: {path}) but data.image_size is "
+               f"{size}; train at the preprocessed size with --set data.image_size={max(width, height)}, or re-run "
+               f"`salad-med preprocess --size {size}` (set data.allow_resize=true to resample them instead)")
+        raise ConfigError(msg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,6 +402,8 @@ def build_cache(rows: pd.DataFrame, cfg: Config, cache_dir: str | os.PathLike, *
 
     Raises:
         DataError: one message listing every missing/unreadable file (unless skipping).
+        ConfigError: preprocessed ``output_path`` images are not ``data.image_size`` square (unless
+            ``data.allow_resize``), see :func:`check_preprocessed_size`.
     """
     skip_missing = cfg.data.skip_missing if skip_missing is None else skip_missing
     num_workers = cfg.data.num_workers if num_workers is None else num_workers
@@ -364,6 +425,7 @@ def build_cache(rows: pd.DataFrame, cfg: Config, cache_dir: str | os.PathLike, *
         ok[i] = False
         failures.append({"image_id": ids[i], "path": p, "reason": reason})
     _raise_or_skip(failures, skip_missing, what, None)
+    check_preprocessed_size(rows, cfg, paths, pre, ok)  # once per build, before any image is resampled
 
     dtype = np.dtype(np.uint16 if cfg.preprocess.bit_depth == 16 else np.uint8)
     size = cfg.data.image_size

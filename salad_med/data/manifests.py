@@ -64,6 +64,9 @@ __all__ = [
     "find_shards",
     "merge_shards",
     "merge_manifests",
+    "format_listing",
+    "pick_column",
+    "read_user_csv",
 ]
 
 log = get_logger("manifests")
@@ -98,7 +101,7 @@ _LABEL_WORDS = {"0": 0, "1": 1, "-1": -1, "normal": 0, "abnormal": 1, "negative"
 _MAX_LISTED = 20
 
 
-def _listing(items: Sequence[str], what: str) -> str:
+def format_listing(items: Sequence[str], what: str) -> str:
     """``"3 duplicate image_id: a, b, c"`` with at most 20 items named."""
     items = [str(i) for i in items]
     shown = ", ".join(items[:_MAX_LISTED])
@@ -153,22 +156,22 @@ def validate_manifest(df: pd.DataFrame, *, check_files: bool = True, source: str
     for col in ("image_id", "source_path"):
         empty = df.index[df[col] == ""]
         if len(empty):
-            problems.append(_listing([f"row {i}" for i in empty], f"rows with an empty {col}"))
+            problems.append(format_listing([f"row {i}" for i in empty], f"rows with an empty {col}"))
     labels = pd.to_numeric(df["label"], errors="coerce")
     bad = ~labels.isin([-1, 0, 1])
     if bad.any():
         bad_rows = df.loc[bad]
-        problems.append(_listing([f"{r.image_id}={r.label!r}" for r in bad_rows[["image_id", "label"]].itertuples()],
+        problems.append(format_listing([f"{r.image_id}={r.label!r}" for r in bad_rows[["image_id", "label"]].itertuples()],
                                  "labels not in {-1, 0, 1}"))
     else:
         df["label"] = labels.astype("int64")
     dup = df["image_id"][df["image_id"].duplicated(keep=False)]
     if len(dup):
-        problems.append(_listing(sorted(set(dup)), "duplicate image_id"))
+        problems.append(format_listing(sorted(set(dup)), "duplicate image_id"))
     if "split" in df.columns:
         bad_split = sorted(set(df["split"]) - {"train", "val", "test"})
         if bad_split:
-            problems.append(_listing(bad_split, "unknown split values (expected train, val, test)"))
+            problems.append(format_listing(bad_split, "unknown split values (expected train, val, test)"))
     if "known_anomaly" in df.columns:
         ka = df["known_anomaly"]
         if ka.dtype != bool:
@@ -181,7 +184,7 @@ def validate_manifest(df: pd.DataFrame, *, check_files: bool = True, source: str
         files = _row_files(df)
         missing = [f for f in files if not os.path.exists(f)]
         if missing:
-            problems.append(_listing(missing, "missing files"))
+            problems.append(format_listing(missing, "missing files"))
     if problems:
         msg = f"{source}: invalid manifest: " + "; ".join(problems)
         raise DataError(msg)
@@ -253,7 +256,7 @@ def parse_labels(values: pd.Series, source: str = "labels") -> pd.Series:
         out.loc[num.index[ok]] = num[ok]
         bad = sorted(set(text[rest][~ok.to_numpy()]))
         if bad:
-            msg = f"{source}: " + _listing(bad, "unknown label values (use 0/1/-1 or normal/abnormal)")
+            msg = f"{source}: " + format_listing(bad, "unknown label values (use 0/1/-1 or normal/abnormal)")
             raise DataError(msg)
     return out.astype("int64")
 
@@ -356,7 +359,7 @@ def build_mura_manifest(root: str | os.PathLike, *, source: str = "auto", check_
     parts = rel.str.extract(_MURA_RE)
     bad = parts["image"].isna()
     if bad.any():
-        msg = f"{where}: " + _listing(list(paths[bad]), "paths not in the MURA layout "
+        msg = f"{where}: " + format_listing(list(paths[bad]), "paths not in the MURA layout "
                                       "{train,valid}/XR_*/patient*/study*_{positive,negative}/image*.png")
         raise DataError(msg)
     label = (parts["outcome"] == "positive").astype("int64")
@@ -386,7 +389,7 @@ def _mura_study_labels(root: Path, rel: pd.Series, suffix_label: pd.Series) -> p
     mapping = pd.Series(parse_labels(studies["label"], ", ".join(map(str, files))).to_numpy(), index=keys)
     if mapping.index.duplicated().any():
         dup = sorted(set(mapping.index[mapping.index.duplicated()]))
-        msg = f"{files[0].parent}: " + _listing(dup, "studies listed twice in *_labeled_studies.csv")
+        msg = f"{files[0].parent}: " + format_listing(dup, "studies listed twice in *_labeled_studies.csv")
         raise DataError(msg)
     study_dir = rel.str.replace(r"/[^/]+$", "", regex=True)
     label = study_dir.map(mapping)
@@ -397,7 +400,7 @@ def _mura_study_labels(root: Path, rel: pd.Series, suffix_label: pd.Series) -> p
                     int(unlabeled.sum()))
     conflict = label != suffix_label
     if conflict.any():
-        msg = f"{files[0].parent}: " + _listing(sorted(set(study_dir[conflict])),
+        msg = f"{files[0].parent}: " + format_listing(sorted(set(study_dir[conflict])),
                                                 "studies whose *_labeled_studies.csv label contradicts the folder")
         raise DataError(msg)
     return label
@@ -449,11 +452,11 @@ def build_nih_manifest(data_entry_csv: str | os.PathLike, images_dir: str | os.P
     tokens = findings.str.split("|").explode().str.strip()
     unknown = sorted(set(tokens) - set(NIH_FINDINGS) - {"No Finding"})
     if unknown:
-        msg = f"{csv}: " + _listing(unknown, "unknown findings (expected 'No Finding' or the 14 NIH findings)")
+        msg = f"{csv}: " + format_listing(unknown, "unknown findings (expected 'No Finding' or the 14 NIH findings)")
         raise DataError(msg)
     mixed = findings.str.contains("No Finding", regex=False) & (findings != "No Finding")
     if mixed.any():
-        msg = f"{csv}: " + _listing(list(entry["Image Index"][mixed]), "images with 'No Finding' and a finding")
+        msg = f"{csv}: " + format_listing(list(entry["Image Index"][mixed]), "images with 'No Finding' and a finding")
         raise DataError(msg)
     names = entry["Image Index"].str.strip()
     root = Path(images_dir) if images_dir is not None else csv.parent
@@ -491,7 +494,7 @@ def _nih_official_split(names: pd.Series, train_val_list, test_list) -> pd.Serie
     te = set(_read_list(test_list)) if test_list is not None else set()
     both = sorted(tv & te)
     if both:
-        msg = f"{train_val_list} / {test_list}: " + _listing(both, "images in both official lists")
+        msg = f"{train_val_list} / {test_list}: " + format_listing(both, "images in both official lists")
         raise DataError(msg)
     out = pd.Series("", index=names.index, dtype=str)
     out[names.isin(tv)] = "train_val"
@@ -506,7 +509,7 @@ _BODY_ALIASES = ("body_part", "bodypart", "body_part_examined", "bodypartexamine
 _STUDY_ALIASES = ("study", "study_id", "follow_up")
 
 
-def _pick(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
+def pick_column(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
     lower = {c.strip().lower(): c for c in columns}
     for alias in aliases:
         if alias in lower:
@@ -514,7 +517,7 @@ def _pick(columns: Sequence[str], aliases: Sequence[str]) -> str | None:
     return None
 
 
-def _read_user_csv(path: Path) -> pd.DataFrame:
+def read_user_csv(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as err:
@@ -577,10 +580,10 @@ def build_folder_manifest(root: str | os.PathLike, labels_csv: str | os.PathLike
 def _folder_from_csv(root: Path, labels_csv: Path, body_part: str, check_files: bool) -> pd.DataFrame:
     if not labels_csv.is_file() and not labels_csv.is_absolute() and (root / labels_csv).is_file():
         labels_csv = root / labels_csv
-    table = _read_user_csv(labels_csv)
+    table = read_user_csv(labels_csv)
     where = str(labels_csv)
-    path_col = _pick(table.columns, _PATH_ALIASES)
-    label_col = _pick(table.columns, ("label",))
+    path_col = pick_column(table.columns, _PATH_ALIASES)
+    label_col = pick_column(table.columns, ("label",))
     if path_col is None or label_col is None:
         msg = (f"{where}: needs a path column ({'/'.join(_PATH_ALIASES)}) and a label column "
                f"(found: {', '.join(table.columns)})")
@@ -589,11 +592,11 @@ def _folder_from_csv(root: Path, labels_csv: Path, body_part: str, check_files: 
         msg = f"{where}: no rows"
         raise DataError(msg)
     rel = table[path_col].str.strip()
-    id_col = _pick(table.columns, ("image_id",))
+    id_col = pick_column(table.columns, ("image_id",))
     ids = table[id_col].str.strip() if id_col else _strip_suffix(rel.str.replace(r"^\./", "", regex=True))
-    patient_col = _pick(table.columns, _PATIENT_ALIASES)
-    body_col = _pick(table.columns, _BODY_ALIASES)
-    study_col = _pick(table.columns, _STUDY_ALIASES)
+    patient_col = pick_column(table.columns, _PATIENT_ALIASES)
+    body_col = pick_column(table.columns, _BODY_ALIASES)
+    study_col = pick_column(table.columns, _STUDY_ALIASES)
     df = pd.DataFrame({
         "image_id": ids,
         "source_path": _join(root, rel),
@@ -673,7 +676,7 @@ def build_dicom_manifest(root: str | os.PathLike, labels_csv: str | os.PathLike 
             continue
         rows.append((rel, *(str(ds.get(tag, "") or "").strip() for tag in _DICOM_TAGS)))
     if skipped:
-        log.warning("%s: skipped %s", root, _listing(skipped, "files that are not DICOM images"))
+        log.warning("%s: skipped %s", root, format_listing(skipped, "files that are not DICOM images"))
     if not rows:
         msg = f"{root}: no DICOM files found"
         raise DataError(msg)
@@ -699,7 +702,7 @@ def build_dicom_manifest(root: str | os.PathLike, labels_csv: str | os.PathLike 
     })
     dup = df["sop_instance_uid"][df["sop_instance_uid"].duplicated(keep=False)]
     if len(dup):
-        log.warning("%s: %s", root, _listing(sorted(set(dup)), "SOP Instance UIDs stored in several files"))
+        log.warning("%s: %s", root, format_listing(sorted(set(dup)), "SOP Instance UIDs stored in several files"))
     if labels_csv is not None:
         df["label"] = _dicom_labels(df, root, Path(labels_csv))
     df = df.sort_values("image_id", kind="stable").reset_index(drop=True)
@@ -707,11 +710,11 @@ def build_dicom_manifest(root: str | os.PathLike, labels_csv: str | os.PathLike 
 
 
 def _dicom_labels(df: pd.DataFrame, root: Path, labels_csv: Path) -> pd.Series:
-    table = _read_user_csv(labels_csv)
+    table = read_user_csv(labels_csv)
     where = str(labels_csv)
-    label_col = _pick(table.columns, ("label",))
-    uid_col = _pick(table.columns, ("sop_instance_uid", "sopinstanceuid", "sop_uid"))
-    path_col = _pick(table.columns, _PATH_ALIASES)
+    label_col = pick_column(table.columns, ("label",))
+    uid_col = pick_column(table.columns, ("sop_instance_uid", "sopinstanceuid", "sop_uid"))
+    path_col = pick_column(table.columns, _PATH_ALIASES)
     if label_col is None or (uid_col is None and path_col is None):
         msg = f"{where}: needs a label column and a sop_instance_uid or path column (found: {', '.join(table.columns)})"
         raise DataError(msg)
@@ -722,7 +725,7 @@ def _dicom_labels(df: pd.DataFrame, root: Path, labels_csv: Path) -> pd.Series:
         keys = _join(root, table[path_col].str.strip()).map(os.path.normpath)
         targets = df["source_path"].map(os.path.normpath)
     if keys.duplicated().any():
-        msg = f"{where}: " + _listing(sorted(set(keys[keys.duplicated()])), "keys listed twice")
+        msg = f"{where}: " + format_listing(sorted(set(keys[keys.duplicated()])), "keys listed twice")
         raise DataError(msg)
     mapping = pd.Series(labels.to_numpy(), index=keys.to_numpy())
     out = targets.map(mapping)
@@ -854,7 +857,7 @@ def merge_shards(paths: Iterable[str | os.PathLike], *, check_files: bool = Fals
         owners = merged.groupby(col)["_shard"].nunique()
         overlap = owners.index[owners > 1]
         if len(overlap):
-            problems.append(_listing(sorted(overlap), f"{col} in several shards"))
+            problems.append(format_listing(sorted(overlap), f"{col} in several shards"))
     if len(failures):
         where_ok = merged.drop_duplicates("source_path").set_index("source_path")["_shard"]
         f_owner = failures["source_path"].map(where_ok)
@@ -862,7 +865,7 @@ def merge_shards(paths: Iterable[str | os.PathLike], *, check_files: bool = Fals
         fdup = failures.groupby("source_path")["shard"].nunique()
         bad = sorted(set(failures["source_path"][clash]) | set(fdup.index[fdup > 1]))
         if bad:
-            problems.append(_listing(bad, "failed inputs also recorded by another shard"))
+            problems.append(format_listing(bad, "failed inputs also recorded by another shard"))
     if problems:
         msg = "cannot merge shards: " + "; ".join(problems)
         raise DataError(msg)

@@ -26,7 +26,13 @@ import numpy as np
 import pandas as pd
 
 from preprocessing.atomic import atomic_write_text
-from salad_med.data.manifests import _listing, _pick, _read_user_csv, manifest_to_csv, validate_manifest
+from salad_med.data.manifests import (
+    format_listing,
+    manifest_to_csv,
+    pick_column,
+    read_user_csv,
+    validate_manifest,
+)
 from salad_med.errors import ConfigError, DataError
 from salad_med.log import get_logger
 
@@ -153,7 +159,7 @@ def _prepare(df: pd.DataFrame, group: str) -> pd.DataFrame:
     unknown = df["image_id"][df["label"] == -1]
     if len(unknown):
         msg = ("cannot split unlabelled images (label -1); label or drop them first: "
-               + _listing(list(unknown), "unlabelled images"))
+               + format_listing(list(unknown), "unlabelled images"))
         raise DataError(msg)
     df["group_id"] = group_ids(df, group)
     return df
@@ -237,7 +243,7 @@ def _normalise_split_values(values: pd.Series, where: str) -> pd.Series:
     out = values.astype(str).str.strip().str.lower().map(_SPLIT_ALIASES)
     bad = sorted(set(values[out.isna()]))
     if bad:
-        msg = f"{where}: " + _listing(bad, "unknown split values (expected train, val/valid, test)")
+        msg = f"{where}: " + format_listing(bad, "unknown split values (expected train, val/valid, test)")
         raise DataError(msg)
     return out.astype(str)
 
@@ -261,10 +267,10 @@ def apply_split_list(df: pd.DataFrame, split_list: str | os.PathLike | pd.DataFr
     if isinstance(split_list, pd.DataFrame):
         table, where = split_list.astype(str), "split list"
     else:
-        table, where = _read_user_csv(Path(split_list)), str(split_list)
-    split_col = _pick(table.columns, ("split", "set", "subset"))
-    id_col = _pick(table.columns, ("image_id",))
-    path_col = _pick(table.columns, ("path", "source_path", "image", "file", "filename", "image index"))
+        table, where = read_user_csv(Path(split_list)), str(split_list)
+    split_col = pick_column(table.columns, ("split", "set", "subset"))
+    id_col = pick_column(table.columns, ("image_id",))
+    path_col = pick_column(table.columns, ("path", "source_path", "image", "file", "filename", "image index"))
     if split_col is None or (id_col is None and path_col is None):
         msg = f"{where}: needs a split column and an image_id or path column (found: {', '.join(table.columns)})"
         raise DataError(msg)
@@ -273,7 +279,7 @@ def apply_split_list(df: pd.DataFrame, split_list: str | os.PathLike | pd.DataFr
     keys = table[key_col].astype(str).str.strip()
     dup = keys[keys.duplicated()]
     if len(dup):
-        msg = f"{where}: " + _listing(sorted(set(dup)), f"{key_col} values listed twice")
+        msg = f"{where}: " + format_listing(sorted(set(dup)), f"{key_col} values listed twice")
         raise DataError(msg)
     mapping = pd.Series(splits.to_numpy(), index=keys.to_numpy())
     if id_col is not None:
@@ -288,7 +294,7 @@ def apply_split_list(df: pd.DataFrame, split_list: str | os.PathLike | pd.DataFr
             assigned = assigned.where(~todo, names.map(by_name))
     missing = df["image_id"][assigned.isna()]
     if len(missing):
-        msg = f"{where}: " + _listing(list(missing), "manifest images not assigned by the split list")
+        msg = f"{where}: " + format_listing(list(missing), "manifest images not assigned by the split list")
         raise DataError(msg)
     unused = len(keys) - int(assigned.notna().sum())
     if unused > 0:
@@ -297,7 +303,7 @@ def apply_split_list(df: pd.DataFrame, split_list: str | os.PathLike | pd.DataFr
     per_group = df.groupby("group_id")["split"].nunique()
     leaks = per_group.index[per_group > 1]
     if len(leaks):
-        msg = f"{where}: " + _listing(sorted(leaks), f"groups ({group}) in more than one split")
+        msg = f"{where}: " + format_listing(sorted(leaks), f"groups ({group}) in more than one split")
         raise DataError(msg)
     return _finish(df)
 
@@ -315,14 +321,14 @@ def check_split(df: pd.DataFrame) -> None:
             raise DataError(msg)
     bad = sorted(set(df["split"]) - set(SPLITS))
     if bad:
-        msg = _listing(bad, "unknown split values")
+        msg = format_listing(bad, "unknown split values")
         raise DataError(msg)
     if df["image_id"].duplicated().any():
-        msg = _listing(sorted(set(df["image_id"][df["image_id"].duplicated()])), "duplicate image_id")
+        msg = format_listing(sorted(set(df["image_id"][df["image_id"].duplicated()])), "duplicate image_id")
         raise DataError(msg)
     per_group = df.groupby("group_id")["split"].nunique()
     if (per_group > 1).any():
-        msg = _listing(sorted(per_group.index[per_group > 1]), "groups in more than one split")
+        msg = format_listing(sorted(per_group.index[per_group > 1]), "groups in more than one split")
         raise DataError(msg)
     expected = (df["split"] == "train") & (df["label"] == 1)
     if not (df["known_anomaly"].astype(bool) == expected).all():

@@ -4,7 +4,9 @@ A pynetdicom Storage SCP (with Verification) that a PACS or modality sends CR / 
 Capture images to. The life of one instance:
 
 1. **Receive** (association thread, :func:`handle_store`): only calling AE titles in the allow list
-   may associate (others are rejected at association, ``require_calling_aet``); only CR, DX and
+   may associate, and only when they address the node by its own AE title (others are rejected at
+   association, ``require_calling_aet`` / ``require_called_aet``, and the refusal is audited with the
+   calling AE and the called AE it asked for); only CR, DX and
    Secondary Capture presentation contexts are offered, so other SOP classes are refused at
    negotiation. The dataset is checked (decodable, image attributes, pixel data length), written
    atomically and fsync'ed to ``incoming/<SOPInstanceUID>.dcm`` (plus a JSON sidecar with the calling
@@ -99,14 +101,15 @@ ACCEPTED_SOP_CLASSES = (
 )
 #: Columns of ``results.csv`` (no PHI).
 RESULT_COLUMNS = ("sop_instance_uid", "study_instance_uid", "calling_ae", "received_at", "scored_at",
-                  "latency_s", "score", "raw_score", "status", "reason", "image_path", "sr_path")
+                  "latency_s", "score", "raw_score", "ood", "ood_reason", "status", "reason", "image_path", "sr_path")
 # C-STORE statuses (PS3.4 Table B.2-1)
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 
-#: ``score_fn(paths) -> DataFrame`` with columns ``source_path, score, raw_score, status, reason``.
+#: ``score_fn(paths) -> DataFrame`` with columns ``source_path, score, raw_score, status, reason`` (and
+#: ``ood``, ``ood_reason`` when the run has an out-of-distribution guard).
 ScoreFn = Callable[[list[Path]], pd.DataFrame]
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -147,7 +150,7 @@ class NodeSettings:
     Attributes:
         output_dir: root of ``incoming/ done/ failed/ sr/ outbox/ forward_failed/ results.csv audit.jsonl``.
         allowed_aets: calling AE titles allowed to associate (at least one).
-        ae_title: our AE title.
+        ae_title: our AE title; associations whose Called AE Title differs are rejected.
         host: bind address (``"0.0.0.0"``: all interfaces).
         port: TCP port (0: any free port, see :attr:`ScoringNode.port`).
         workers: scoring threads.
@@ -271,9 +274,24 @@ def handle_store(event: evt.Event, node: ScoringNode) -> int:
 
 
 def handle_rejected(event: evt.Event, node: ScoringNode) -> None:
-    """Association rejected (e.g. unknown calling AE title): audit it."""
-    node.audit("association_rejected", calling_ae=event.assoc.requestor.ae_title, status="rejected",
-               address=event.assoc.requestor.address)
+    """Association rejected (unknown calling AE title, or a called AE title that is not ours): audit it.
+
+    The record names the calling AE, the called AE it asked for and the reason(s); AE titles and the
+    peer address only, no PHI.
+    """
+    requestor = event.assoc.requestor
+    calling_ae = (requestor.ae_title or "").strip()
+    primitive = requestor.primitive
+    called_ae = (str(primitive.called_ae_title or "") if primitive is not None else "").strip()
+    reasons = []
+    if calling_ae not in node.settings.allowed_aets:
+        reasons.append(f"calling AE title {calling_ae!r} is not allowed")
+    if called_ae != node.settings.ae_title:
+        reasons.append(f"called AE title {called_ae!r} is not this node's ({node.settings.ae_title!r})")
+    node.audit("association_rejected", calling_ae=calling_ae, called_ae=called_ae, status="rejected",
+               reason="; ".join(reasons) or None, address=requestor.address)
+    _log.warning("rejected an association from %s (%s): %s", calling_ae, requestor.address,
+                 "; ".join(reasons) or "rejected")
 
 
 # --------------------------------------------------------------------------- the node
@@ -319,6 +337,7 @@ class ScoringNode:
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.require_calling_aet = list(s.allowed_aets)
+        ae.require_called_aet = True  # refuse associations addressed to another AE title
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout
         ae.network_timeout = s.network_timeout
@@ -348,6 +367,8 @@ class ScoringNode:
             path.mkdir(parents=True, exist_ok=True)
         if not self.results_path.exists():
             atomic_write_text(self.results_path, ",".join(RESULT_COLUMNS) + "\n")
+        else:
+            self._upgrade_results()
         self._recover()
         s = self.settings
         for i in range(s.workers):
@@ -433,6 +454,21 @@ class ScoringNode:
         record = {"time": _now(), "event": event, "sop_instance_uid": sop_instance_uid,
                   "calling_ae": calling_ae, "status": status, "score": score, "reason": reason, **extra}
         self._append(self.audit_path, json.dumps(record, default=str) + "\n")
+
+    def _upgrade_results(self) -> None:
+        """Rewrite a ``results.csv`` of an earlier version (other columns) with today's header, atomically;
+        columns it lacks are left empty, rows are kept."""
+        with open(self.results_path, encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            if tuple(reader.fieldnames or ()) == RESULT_COLUMNS:
+                return
+            rows = list(reader)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.results_path, buf.getvalue())
+        _log.info("results.csv upgraded to the current columns (%d rows kept)", len(rows))
 
     def _append_results(self, rows: list[dict]) -> None:
         buf = io.StringIO()
@@ -591,6 +627,7 @@ class ScoringNode:
                         path, float(score), self.dirs["sr"] / f"{uid}.dcm",
                         algorithm_name=s.algorithm_name, algorithm_version=s.algorithm_version,
                         raw_score=float(raw) if _finite(raw) else None,
+                        out_of_distribution=bool(row.get("ood", False)),
                         series_description=s.series_description,
                         algorithm_parameters=s.algorithm_parameters or None))
                 except Exception as err:  # noqa: BLE001 - e.g. a source without Study UID
@@ -602,7 +639,9 @@ class ScoringNode:
                 "scored_at": f"{scored_at:.3f}",
                 "latency_s": f"{scored_at - meta['received_at']:.3f}" if "received_at" in meta else "",
                 "score": f"{float(score):.6g}" if status == "ok" else "",
-                "raw_score": f"{float(raw):.6g}" if status == "ok" and _finite(raw) else "",
+                "raw_score": f"{float(raw):.10g}" if status == "ok" and _finite(raw) else "",
+                "ood": str(bool(row.get("ood", False))).lower() if status == "ok" else "",
+                "ood_reason": str(row.get("ood_reason") or "") if status == "ok" else "",
                 "status": status, "reason": reason,
                 "image_path": str(Path("done" if status == "ok" else "failed") / f"{uid}.dcm"),
                 "sr_path": sr_path,

@@ -3,9 +3,13 @@
 One Comprehensive SR per scored image, following :dcm:`TID 1500 <part16/chapter_A.html#sect_TID_1500>`
 (Measurement Report) with one :dcm:`TID 1501 <part16/chapter_A.html#sect_TID_1501>` measurement group:
 
-* ``(1001, 99SALAD, "SALAD anomaly score")``: the normalised score in [0, 1] (higher = more abnormal),
-  unit ``(1, UCUM, "no units")``;
-* ``(1002, 99SALAD, "SALAD raw anomaly score")``: the raw Eq. 4 score, when given;
+* ``(1001, 99SALAD, "SALAD anomaly score")``: the calibrated score in [0, 1] (the fraction of the
+  validation normal images that score lower; higher = more abnormal), unit ``(1, UCUM, "no units")``;
+* ``(1002, 99SALAD, "SALAD raw anomaly score")``: the method's raw score, when given;
+* ``(1003, 99SALAD, "Input distribution") = (1004, 99SALAD, "Out of distribution")``: a qualitative
+  evaluation added when the out-of-distribution guard flagged the image (body part not seen in
+  training, or an embedding farther from the training images than any validation normal): the score
+  of such an image should not be trusted;
 * algorithm name and version (:dcm:`TID 4019 <part16/sect_TID_4019.html>`) on the group and on each
   measurement; the device observer is the algorithm;
 * the source image as evidence (Current Requested Procedure Evidence) and as "source of measurement",
@@ -50,6 +54,8 @@ __all__ = [
     "SALAD_SCHEME",
     "ANOMALY_SCORE",
     "RAW_ANOMALY_SCORE",
+    "INPUT_DISTRIBUTION",
+    "OUT_OF_DISTRIBUTION",
     "NO_UNITS",
     "DEFAULT_SERIES_DESCRIPTION",
     "ScoreReport",
@@ -66,6 +72,10 @@ SALAD_SCHEME = "99SALAD"
 ANOMALY_SCORE = Code("1001", SALAD_SCHEME, "SALAD anomaly score")
 #: Concept name of the raw (un-normalised) Eq. 4 anomaly score.
 RAW_ANOMALY_SCORE = Code("1002", SALAD_SCHEME, "SALAD raw anomaly score")
+#: Concept name of the qualitative evaluation "is this input like the training images?".
+INPUT_DISTRIBUTION = Code("1003", SALAD_SCHEME, "Input distribution")
+#: Its value when the out-of-distribution guard flagged the image.
+OUT_OF_DISTRIBUTION = Code("1004", SALAD_SCHEME, "Out of distribution")
 #: UCUM dimensionless unit.
 NO_UNITS = codes.UCUM.NoUnits
 DEFAULT_SERIES_DESCRIPTION = "SALAD anomaly score - not for clinical use"
@@ -107,6 +117,7 @@ class ScoreReport:
         algorithm_version: TID 4019 Algorithm Version.
         sop_instance_uid: SOP Instance UID of the SR itself.
         series_instance_uid: Series Instance UID of the SR itself.
+        out_of_distribution: the SR carries the "Out of distribution" finding.
     """
 
     score: float
@@ -117,6 +128,7 @@ class ScoreReport:
     algorithm_version: str
     sop_instance_uid: str
     series_instance_uid: str
+    out_of_distribution: bool = False
 
 
 def _load_header(source: Dataset | str | os.PathLike) -> Dataset:
@@ -161,6 +173,7 @@ def build_score_sr(
     score: float,
     *,
     raw_score: float | None = None,
+    out_of_distribution: bool = False,
     algorithm_name: str = "salad-med",
     algorithm_version: str = __version__,
     algorithm_parameters: list[str] | None = None,
@@ -177,7 +190,8 @@ def build_score_sr(
     Args:
         source: the scored image as a pydicom Dataset or a path (only its header is used).
         score: normalised anomaly score (higher = more abnormal).
-        raw_score: raw Eq. 4 score, recorded as a second measurement when given.
+        raw_score: raw score, recorded as a second measurement when given.
+        out_of_distribution: add the "Out of distribution" qualitative evaluation.
         algorithm_name: TID 4019 Algorithm Name.
         algorithm_version: TID 4019 Algorithm Version (default: the salad-med version).
         algorithm_parameters: optional TID 4019 Algorithm Parameters (e.g. ``["k=100", "mode=paper"]``).
@@ -213,6 +227,8 @@ def build_score_sr(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=_TRACKING_ID),
         algorithm_id=algorithm,
         measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(INPUT_DISTRIBUTION, OUT_OF_DISTRIBUTION)]
+        if out_of_distribution else None,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
     )
     observer = hd.sr.ObserverContext(
@@ -284,7 +300,7 @@ def write_score_srs(scores, output_dir: str | os.PathLike, **kwargs) -> list[str
     that cannot be written (e.g. a source without Study Instance UID) is logged (UIDs only) and skipped.
 
     Args:
-        scores: DataFrame with ``image_id, source_path, score, raw_score, status``.
+        scores: DataFrame with ``image_id, source_path, score, raw_score, status`` (and ``ood``).
         output_dir: folder of ``<image_id>.dcm`` SRs (``image_id`` is the SOP Instance UID for DICOM).
         **kwargs: forwarded to :func:`write_score_sr` (``algorithm_name``, ``series_description``, ...).
 
@@ -308,7 +324,7 @@ def write_score_srs(scores, output_dir: str | os.PathLike, **kwargs) -> list[str
             try:
                 path = str(write_score_sr(row.source_path, float(row.score), target,
                                           raw_score=float(raw) if raw is not None and math.isfinite(raw) else None,
-                                          **kwargs))
+                                          out_of_distribution=bool(getattr(row, "ood", False)), **kwargs))
             except (DataError, ValueError) as err:
                 log.warning("no SR for %s: %s", row.image_id, err)
         out.append(path)
@@ -336,6 +352,7 @@ def read_score_sr(path_or_dataset: Dataset | str | os.PathLike) -> ScoreReport:
     name = getattr(ds, "filename", None) or "<dataset>"
     values: dict[tuple[str, str], float] = {}
     texts: dict[str, str] = {}
+    codes_found: set[tuple[tuple[str, str], tuple[str, str]]] = set()
     ref: Dataset | None = None
     for item in _walk(ds.get("ContentSequence")):
         concept = _concept(item)
@@ -345,6 +362,9 @@ def read_score_sr(path_or_dataset: Dataset | str | os.PathLike) -> ScoreReport:
             texts.setdefault(concept[0], item.TextValue)
         elif item.get("ValueType") == "IMAGE" and ref is None:
             ref = item.ReferencedSOPSequence[0]
+        elif item.get("ValueType") == "CODE" and concept is not None and item.get("ConceptCodeSequence"):
+            value = item.ConceptCodeSequence[0]
+            codes_found.add((concept, (value.CodeValue, value.CodingSchemeDesignator)))
     key = (ANOMALY_SCORE.value, ANOMALY_SCORE.scheme_designator)
     if key not in values or ref is None:
         msg = f"{name}: not a salad-med score SR (no {ANOMALY_SCORE.meaning!r} measurement or image reference)"
@@ -358,4 +378,6 @@ def read_score_sr(path_or_dataset: Dataset | str | os.PathLike) -> ScoreReport:
         algorithm_version=texts.get("111003", ""),
         sop_instance_uid=str(ds.SOPInstanceUID),
         series_instance_uid=str(ds.SeriesInstanceUID),
+        out_of_distribution=((INPUT_DISTRIBUTION.value, SALAD_SCHEME), (OUT_OF_DISTRIBUTION.value, SALAD_SCHEME))
+        in codes_found,
     )

@@ -1,33 +1,39 @@
-"""Anomaly scorers (scikit-learn style): SALAD's Eq. 4 bank score, reconstruction error, SVDD distance.
+"""Interchangeable anomaly scorers, scikit-learn style: ``fit(X)`` then ``score_samples(X)``.
 
-SALAD (Bozorgtabar et al., MICCAI 2020, https://arxiv.org/abs/2010.09856) scores a test image by its
-angular distances to the K nearest memory-bank entries of the (normal) training images:
+Every scorer takes a feature matrix ``X`` of shape ``(n_samples, n_features)`` (what a method's
+``features`` produces: embeddings, per-pixel reconstruction errors, downsampled pixels) and follows one
+convention project-wide: **higher = more abnormal**.
 
-* ``mode="paper"`` (Eq. 4): ``w_ik = arccos(d(z_i, m_k)) / sum_{j=1..N} arccos(d(z_i, m_j))`` and
-  ``A_i = (1/K) sum_{k <= K nearest} w_ik``;
-* ``mode="official"`` (official code): ``A_i = (1/K) sum_{k <= K nearest} arccos(d(z_i, m_k)) / pi``;
+* ``fit(X, y=None) -> self`` learns from normal training features (``y`` is ignored; the caller drops
+  known anomalies before fitting);
+* ``score_samples(X) -> (n,) float64`` raw anomaly scores;
+* ``decision_function(X) = score_samples(X) - offset_`` with ``offset_`` the ``1 - contamination``
+  quantile of the training scores (positive = beyond that threshold), as scikit-learn's outlier
+  detectors define it;
+* ``score_samples_torch(X)`` the same scores as a tensor on ``X``'s device (training validation, GPU);
+* ``to_module()`` the fitted scorer as an exportable ``nn.Module`` ``(B, F) -> (B,)`` where the
+  computation can be expressed in torch ops (:class:`NotExportableError` otherwise);
+* ``state_dict()`` / :func:`scorer_from_state`: plain tensors, numbers and strings
+  (``torch.load(weights_only=True)`` safe).
 
-with ``d`` the cosine similarity (clamped to [-1, 1]). **Higher = more abnormal** for every scorer in
-this module. Bank rows of training images known to be abnormal (``known_abnormal_mask``) are dropped in
-``fit``. Raw scores are mapped to [0, 1] by a min-max normalisation fitted on *validation* scores
-(:meth:`fit_normalization`), stored with the model through :meth:`state_dict`.
+Scorers: :class:`BankScorer` (SALAD's Eq. 4 against a memory bank), :class:`ReconstructionErrorScorer`
+(DAE), :class:`CenterDistanceScorer` (Deep SVDD), :class:`KNNScorer` (mean kNN distance: pixel kNN,
+SPADE), :class:`PCAScorer` (PCA reconstruction error), :class:`IsolationForestScorer` and
+:class:`OneClassSVMScorer` (scikit-learn's, sign flipped to "higher = more abnormal").
 
 Example:
-    >>> scorer = BankScorer(k=100, mode="paper").fit(bank.features, known_abnormal_mask=mask)
-    >>> raw = scorer.score_samples(z_val)           # (M,) numpy
-    >>> scorer.fit_normalization(raw)
-    >>> s = scorer.normalize(scorer.score_samples(z_test))  # in [0, 1]
+    >>> scorer = BankScorer(k=20, mode="paper").fit(bank_rows)    # (N, D)
+    >>> raw = scorer.score_samples(z_test)                         # (M,) float64
+    >>> scorer.decision_function(z_test) > 0                       # beyond the training threshold
 
 See Also:
-    :mod:`salad_med.methods.components.bank`, :mod:`salad_med.evaluation.metrics`.
+    :mod:`salad_med.scoring.knn` (the one kNN / Eq. 4 kernel), :mod:`salad_med.scoring.calibration`
+    (raw score -> fraction of validation normals scoring lower).
 """
 
 from __future__ import annotations
 
-import math
-import threading
-import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,174 +42,221 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
-from salad_med.methods.components.bank import resolve_backend, topk_values
-from salad_med.methods.salad.loss import reconstruction_loss
+from salad_med.errors import ConfigError
+from salad_med.scoring.knn import SCORE_MODES, BankScoreHead, KnnIndex, eq4_scores, resolve_backend
 
 __all__ = [
+    "AnomalyScorer",
     "BankScorer",
-    "ReconstructionScorer",
-    "SVDDScorer",
-    "BankScoreHead",
-    "bank_anomaly_scores",
-    "SCORE_MODES",
+    "ReconstructionErrorScorer",
+    "CenterDistanceScorer",
+    "KNNScorer",
+    "PCAScorer",
+    "IsolationForestScorer",
+    "OneClassSVMScorer",
+    "NotExportableError",
+    "scorer_from_state",
+    "SCORERS",
 ]
 
-SCORE_MODES = ("paper", "official")
+#: Scorer classes by name (``state_dict()["kind"]``), filled by ``__init_subclass__``.
+SCORERS: dict[str, type[AnomalyScorer]] = {}
 
 
-def bank_anomaly_scores(z: torch.Tensor, bank: torch.Tensor, k: int, mode: str = "paper",
-                        chunk_size: int = 64, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 4 scores of queries against a bank with torch ops only (TorchScript friendly).
-
-    Steps per chunk of queries: ``d = z_c M^T`` clamped to [-1, 1] (c, N) -> top-K of ``d`` (= K
-    smallest angles) -> ``paper``: ``sum_K arccos / (K sum_N arccos)``; ``official``:
-    ``mean_K arccos / pi``. Memory is O(chunk_size x N).
-
-    Args:
-        z: (M, D) query embeddings, unit rows.
-        bank: (N, D) bank, unit rows.
-        k: K, 1 <= K <= N.
-        mode: ``"paper"`` or ``"official"``.
-        chunk_size: queries per matmul.
-        buffer: optional reusable (>= chunk_size, N) work buffer of ``z``'s dtype/device (saves the
-            page faults of a fresh allocation per call).
-
-    Returns:
-        (M,) float32 scores, higher = more abnormal.
-    """
-    bank_t = bank.t()
-    out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
-    # one (chunk, N) buffer reused by every chunk: no page faults / allocator churn per chunk
-    rows = min(chunk_size, z.shape[0])
-    if buffer is not None and buffer.shape[0] >= rows and buffer.shape[1] == bank.shape[0] \
-            and buffer.dtype == z.dtype and buffer.device == z.device:
-        buf = buffer
-    else:
-        buf = torch.empty(rows, bank.shape[0], dtype=z.dtype, device=z.device)
-    for start in range(0, z.shape[0], chunk_size):
-        zc = z[start:start + chunk_size]
-        sims = buf[: zc.shape[0]]
-        torch.mm(zc, bank_t, out=sims)  # d(z_i, m_j), (c, N)
-        # (c, K) largest cosines = K smallest angles, sorted so that every selection path sums them in one order
-        top = torch.sort(topk_values(sims, k), dim=1)[0]
-        # per-query reductions in float64: a score does not depend on which queries share its chunk
-        angles = torch.acos(top.double().clamp(-1.0, 1.0))
-        if mode == "paper":
-            total = sims.double().clamp_(-1.0, 1.0).acos_().sum(dim=1).clamp_min(1e-12)  # sum_j arccos(d_ij)
-            out[start:start + zc.shape[0]] = (angles.sum(dim=1) / (total * k)).to(out.dtype)  # (1/K) sum_K w_ik
-        else:
-            out[start:start + zc.shape[0]] = (angles.mean(dim=1) / math.pi).to(out.dtype)
-    return out
+class NotExportableError(ConfigError):
+    """The scorer has no torch-op form (scikit-learn trees, kernels): it cannot be exported."""
 
 
-def _as_tensor(x: Any, name: str) -> torch.Tensor:
+def _as_2d(x: Any, name: str = "X", n_features: int | None = None) -> torch.Tensor:
+    """Validate a feature matrix -> contiguous float32 CPU tensor (n, F) (float64 stays float64)."""
     if isinstance(x, torch.Tensor):
-        t = x.detach().cpu().float()
+        t = x.detach().cpu()
+        t = t if t.dtype == torch.float64 else t.float()
     else:
         try:
-            t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+            arr = np.asarray(x)
+            t = torch.as_tensor(arr.astype(np.float64 if arr.dtype == np.float64 else np.float32))
         except (TypeError, ValueError) as err:
             msg = f"{name}: cannot convert {type(x).__name__} to a float array ({err})"
             raise ValueError(msg) from None
-    return t
-
-
-def _as_2d(x: Any, name: str, n_features: int | None = None) -> torch.Tensor:
-    """Validate an embedding matrix -> contiguous float32 CPU tensor (M, D)."""
-    t = _as_tensor(x, name)
     if t.ndim != 2:
-        msg = f"{name} must be 2-D (samples, features), got shape {tuple(t.shape)}"
+        msg = f"{name} must be 2-D (n_samples, n_features), got shape {tuple(t.shape)}"
         raise ValueError(msg)
     if t.shape[0] == 0 or t.shape[1] == 0:
-        msg = f"{name} is empty: shape {tuple(t.shape)}"
+        msg = f"{name} is empty: shape {tuple(t.shape)} (n_samples={t.shape[0]})"
+        raise ValueError(msg)
+    if n_features is not None and t.shape[1] != n_features:
+        msg = f"{name} has {t.shape[1]} features, the scorer was fitted with {n_features}"
         raise ValueError(msg)
     if not torch.isfinite(t).all():
         msg = f"{name} contains NaN or infinity"
         raise ValueError(msg)
-    if n_features is not None and t.shape[1] != n_features:
-        msg = f"{name} has {t.shape[1]} features but the scorer was fitted with {n_features}"
-        raise ValueError(msg)
     return t.contiguous()
 
 
-class _MinMaxNormalization:
-    """``fit_normalization`` / ``normalize`` shared by the scorers (state: ``offset_``, ``scale_``)."""
+class AnomalyScorer(BaseEstimator):
+    """Base of the scorers: validation, the threshold ``offset_``, state and torch paths.
 
-    def fit_normalization(self, val_scores: Any) -> _MinMaxNormalization:
-        """Fit ``offset_ = min``, ``scale_ = max - min`` on validation scores (never on test).
-
-        Args:
-            val_scores: (M,) raw validation scores.
-
-        Returns:
-            self.
-
-        Raises:
-            ValueError: empty or non-finite scores.
-        """
-        s = _as_tensor(val_scores, "val_scores").view(-1)
-        if s.numel() == 0 or not torch.isfinite(s).all():
-            msg = "fit_normalization needs a non-empty vector of finite validation scores"
-            raise ValueError(msg)
-        lo, hi = float(s.min()), float(s.max())
-        self.offset_ = lo
-        self.scale_ = hi - lo if hi > lo else 1.0
-        return self
-
-    def normalize(self, scores: Any) -> Any:
-        """Map raw scores to [0, 1]: ``clip((s - offset_) / scale_, 0, 1)``; same type as the input.
-
-        Raises:
-            NotFittedError: before :meth:`fit_normalization`.
-        """
-        if getattr(self, "offset_", None) is None:
-            msg = f"{type(self).__name__}.normalize called before fit_normalization()"
-            raise NotFittedError(msg)
-        if isinstance(scores, torch.Tensor):
-            return ((scores - self.offset_) / self.scale_).clamp(0.0, 1.0)
-        return np.clip((np.asarray(scores, dtype=np.float64) - self.offset_) / self.scale_, 0.0, 1.0)
-
-    def _norm_state(self) -> dict[str, float]:
-        offset = getattr(self, "offset_", None)
-        return {"offset": float("nan") if offset is None else float(offset),
-                "scale": float(getattr(self, "scale_", 1.0))}
-
-    def _load_norm_state(self, state: dict[str, Any]) -> None:
-        offset = float(state.get("offset", float("nan")))
-        if math.isnan(offset):
-            self.offset_ = None
-            self.scale_ = 1.0
-        else:
-            self.offset_ = offset
-            self.scale_ = float(state.get("scale", 1.0))
-
-
-class BankScorer(_MinMaxNormalization, BaseEstimator):
-    """SALAD anomaly score of embeddings against the memory bank of normal training images (Eq. 4).
+    Subclasses implement ``_fit(X)`` (learn, set fitted attributes) and ``_score(X) -> (n,) float64
+    tensor`` on a validated tensor, declare their fitted tensors in ``_fitted_tensors`` and, when
+    exportable, ``to_module``.
 
     Parameters:
-        k: K nearest bank entries (paper: 100); clamped with a warning to the bank size in ``fit``.
-        mode: ``"paper"`` (Eq. 4 weights) or ``"official"`` (mean arccos / pi).
-        backend: ``"auto"`` | ``"torch"`` | ``"faiss"``; faiss (``IndexFlatIP``) is used for the K
-            nearest entries in ``official`` mode only (``auto``: when installed). ``paper`` mode needs
-            the angle to every entry for the Eq. 4 denominator and always uses one chunked torch matmul.
+        contamination: fraction of training samples taken to lie beyond ``offset_`` (the
+            ``1 - contamination`` quantile of the training scores).
+    """
+
+    _fitted_tensors: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        SCORERS[cls.__name__] = cls
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _check_params(self) -> None:
+        c = getattr(self, "contamination", 0.1)
+        if not 0.0 < float(c) < 0.5:
+            msg = f"contamination must be in (0, 0.5), got {c!r}"
+            raise ValueError(msg)
+
+    def _fit(self, X: torch.Tensor) -> None:  # pragma: no cover - abstract
+        msg = f"{type(self).__name__} must implement _fit"
+        raise NotImplementedError(msg)
+
+    def _score(self, X: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        msg = f"{type(self).__name__} must implement _score"
+        raise NotImplementedError(msg)
+
+    # ------------------------------------------------------------------ public API
+    def fit(self, X: Any, y: Any = None) -> AnomalyScorer:
+        """Learn from normal training features ``X (n, F)``; ``y`` is ignored. Returns self.
+
+        Raises:
+            ValueError: bad parameters, or ``X`` not a finite non-empty 2-D matrix.
+        """
+        self._check_params()
+        x = _as_2d(X)
+        self.n_features_in_ = int(x.shape[1])
+        self._fit(x)
+        self.offset_ = float(np.quantile(self._score(x).cpu().numpy(), 1.0 - float(self.contamination)))
+        return self
+
+    def _check_fitted(self) -> None:
+        if getattr(self, "offset_", None) is None:
+            msg = f"This {type(self).__name__} instance is not fitted yet: call fit(X) first"
+            raise NotFittedError(msg)
+
+    def score_samples(self, X: Any) -> np.ndarray:
+        """Raw anomaly scores of ``X (n, F)``, (n,) float64, higher = more abnormal.
+
+        Raises:
+            NotFittedError: before ``fit``.
+            ValueError: not 2-D, wrong number of features or non-finite values.
+        """
+        self._check_fitted()
+        return self._score(_as_2d(X, "X", self.n_features_in_)).cpu().numpy().astype(np.float64)
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """``score_samples(X) - offset_``: positive = more abnormal than the training threshold."""
+        return self.score_samples(X) - self.offset_
+
+    def score_samples_torch(self, X: torch.Tensor) -> torch.Tensor:
+        """:meth:`score_samples` as a float64 tensor on ``X``'s device (no gradient)."""
+        self._check_fitted()
+        with torch.no_grad():
+            return torch.from_numpy(self.score_samples(X)).to(X.device)
+
+    def to_module(self) -> nn.Module:
+        """The fitted scorer as an ``nn.Module`` ``(B, F) -> (B,)`` raw score (float32).
+
+        Raises:
+            NotExportableError: the scorer has no torch-op form.
+        """
+        msg = f"{type(self).__name__} cannot be exported as a torch module"
+        raise NotExportableError(msg)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"kind", "params", "n_features_in", "offset", <fitted tensors>}``, weights_only-safe."""
+        self._check_fitted()
+        params = {k: v for k, v in self.get_params(deep=False).items() if not isinstance(v, torch.Tensor)}
+        tensors = {name: getattr(self, name) for name in self._fitted_tensors}
+        extra = {k: v.detach().cpu().clone() for k, v in self.get_params(deep=False).items()
+                 if isinstance(v, torch.Tensor)}
+        return {"kind": type(self).__name__, "params": params, "tensor_params": extra,
+                "n_features_in": self.n_features_in_, "offset": self.offset_,
+                "fitted": {k: v.detach().cpu().clone() for k, v in tensors.items()}}
+
+    def _restore(self, fitted: dict[str, torch.Tensor]) -> None:
+        for name in self._fitted_tensors:
+            setattr(self, name, fitted[name])
+
+    def load_state_dict(self, state: dict[str, Any]) -> AnomalyScorer:
+        """Restore a fitted scorer from :meth:`state_dict` output (of this class).
+
+        Raises:
+            ValueError: a state of another scorer kind or missing entries.
+        """
+        if not isinstance(state, dict) or state.get("kind") != type(self).__name__:
+            kind = state.get("kind") if isinstance(state, dict) else type(state).__name__
+            msg = f"not a {type(self).__name__} state (kind {kind!r})"
+            raise ValueError(msg)
+        try:
+            self.set_params(**state["params"], **state.get("tensor_params", {}))
+            self._check_params()
+            self.n_features_in_ = int(state["n_features_in"])
+            self._restore(dict(state["fitted"]))
+            self.offset_ = float(state["offset"])
+        except KeyError as err:
+            msg = f"{type(self).__name__} state lacks {err}"
+            raise ValueError(msg) from None
+        return self
+
+
+def scorer_from_state(state: dict[str, Any]) -> AnomalyScorer:
+    """A fitted scorer of the class named in ``state["kind"]``.
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind not in SCORERS:
+        msg = f"unknown scorer kind {kind!r} (known: {sorted(SCORERS)})"
+        raise ValueError(msg)
+    return SCORERS[kind]().load_state_dict(state)
+
+
+class BankScorer(AnomalyScorer):
+    """SALAD's anomaly score (Eq. 4) of embeddings against the memory bank of normal training images.
+
+    ``X`` in ``fit`` is the bank (N, D) without the known-abnormal rows; rows are L2-normalised.
+
+    Parameters:
+        k: K nearest bank entries (paper: 100). ``K >= N`` is refused: with every entry among the K
+            nearest, paper-mode weights sum to one and every score is exactly 1/N.
+        mode: ``"paper"`` (Eq. 4 weights) or ``"official"`` (mean arccos / pi of the K nearest).
+        backend: ``"auto"`` | ``"torch"`` | ``"faiss"`` for the K-nearest search of ``official`` mode
+            (``paper`` mode needs every angle and makes one matmul pass).
+        contamination: see :class:`AnomalyScorer`.
 
     Attributes:
-        bank_: (N', D) float32 tensor, unit rows, known-abnormal rows dropped.
+        bank_: (N, D) float32 unit rows.
         n_features_in_: D.
-        k_: K actually used (``min(k, N')``).
-        offset_, scale_: min-max normalisation fitted on validation scores (``None``/1.0 until then).
+        offset_: threshold on the training scores.
 
     References:
         Bozorgtabar et al., SALAD, MICCAI 2020, Eq. 4, https://arxiv.org/abs/2010.09856.
     """
 
-    def __init__(self, k: int = 100, mode: str = "paper", backend: str = "auto") -> None:
+    _fitted_tensors = ("bank_",)
+
+    def __init__(self, k: int = 100, mode: str = "paper", backend: str = "auto", contamination: float = 0.1) -> None:
         self.k = k
         self.mode = mode
         self.backend = backend
+        self.contamination = contamination
 
     def _check_params(self) -> None:
+        super()._check_params()
         if self.mode not in SCORE_MODES:
             msg = f"mode {self.mode!r} is not one of {list(SCORE_MODES)}"
             raise ValueError(msg)
@@ -212,259 +265,320 @@ class BankScorer(_MinMaxNormalization, BaseEstimator):
             raise ValueError(msg)
         resolve_backend(self.backend)
 
-    def fit(self, bank_features: Any, known_abnormal_mask: Any = None) -> BankScorer:
-        """Store the normal part of the bank.
+    def _fit(self, X: torch.Tensor) -> None:
+        n = int(X.shape[0])
+        if int(self.k) >= n:
+            msg = (f"score.k={self.k} is not below the {n} normal bank rows (n_samples={n}): with K >= N every "
+                   f"Eq. 4 score is 1/N, a constant. Set score.k to at most {max(n - 1, 1)} "
+                   f"(e.g. --set score.k={max(min(20, n - 1), 1)})")
+            raise ConfigError(msg)
+        self.bank_ = F.normalize(X.float(), dim=1).contiguous()
+        self._index = None
 
-        Args:
-            bank_features: (N, D) bank (tensor or array); rows are L2-normalised here.
-            known_abnormal_mask: optional (N,) bool, True for train images the split marks abnormal
-                (``known_anomaly``); those rows are dropped.
-
-        Returns:
-            self.
-
-        Raises:
-            ValueError: bad parameters, non 2-D / non-finite bank, mask of the wrong length, or no
-                row left.
-        """
-        self._check_params()
-        bank = _as_2d(bank_features, "bank_features")
-        if known_abnormal_mask is not None:
-            mask = torch.as_tensor(np.asarray(known_abnormal_mask, dtype=bool).reshape(-1))
-            if mask.shape[0] != bank.shape[0]:
-                msg = f"known_abnormal_mask has {mask.shape[0]} entries but the bank has {bank.shape[0]} rows"
-                raise ValueError(msg)
-            bank = bank[~mask]
-            if bank.shape[0] == 0:
-                msg = "every bank row is marked known-abnormal: nothing left to score against"
-                raise ValueError(msg)
-        self.bank_ = F.normalize(bank, dim=1).contiguous()
-        self.n_features_in_ = int(bank.shape[1])
-        k = int(self.k)
-        if k > self.bank_.shape[0]:
-            warnings.warn(f"BankScorer: k={k} exceeds the {self.bank_.shape[0]} bank rows; using "
-                          f"k={self.bank_.shape[0]}", RuntimeWarning, stacklevel=2)
-            k = int(self.bank_.shape[0])
-        self.k_ = k
-        self.offset_ = None
-        self.scale_ = 1.0
-        self._faiss_index = None
-        self._device_bank = None
-        self._buffer = None
-        return self
+    def _restore(self, fitted: dict[str, torch.Tensor]) -> None:
+        self.bank_ = fitted["bank_"].float().contiguous()
+        self._index = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.pop("_faiss_index", None)  # SWIG objects do not pickle; rebuilt lazily
-        state.pop("_device_bank", None)
-        state.pop("_buffer", None)
+        state.pop("_index", None)  # rebuilt lazily
         return state
 
-    def _check_fitted(self) -> None:
-        if getattr(self, "bank_", None) is None:
-            msg = f"This {type(self).__name__} instance is not fitted yet: call fit(bank_features) first"
-            raise NotFittedError(msg)
+    def _knn_index(self) -> KnnIndex:
+        if getattr(self, "_index", None) is None:
+            self._index = KnnIndex(self.bank_, self.backend)
+        return self._index
 
-    def score_samples(self, z: Any) -> np.ndarray:
-        """Anomaly score of each embedding (higher = more abnormal).
+    def _score(self, X: torch.Tensor) -> torch.Tensor:
+        q = F.normalize(X.float(), dim=1)
+        return eq4_scores(q, self.bank_, int(self.k), self.mode, index=self._knn_index())
 
-        Args:
-            z: (M, D) embeddings (tensor or array); rows are L2-normalised here.
-
-        Returns:
-            (M,) float64 numpy array of raw scores (paper: in (0, 1/K]; official: in [0, 1]).
-
-        Raises:
-            NotFittedError: before ``fit``.
-            ValueError: not 2-D, wrong D or non-finite values.
-        """
+    def score_samples_torch(self, X: torch.Tensor) -> torch.Tensor:
+        """Eq. 4 on ``X``'s device (the bank is copied there once per device)."""
         self._check_fitted()
-        q = F.normalize(_as_2d(z, "z", self.n_features_in_), dim=1)
-        if self.mode == "official" and resolve_backend(self.backend) == "faiss":
-            return self._official_faiss(q).astype(np.float64)
-        with torch.no_grad():
-            return bank_anomaly_scores(q, self.bank_, self.k_, self.mode,
-                                       buffer=self._work_buffer(q)).numpy().astype(np.float64)
-
-    def _work_buffer(self, q: torch.Tensor, chunk_size: int = 64) -> torch.Tensor:
-        """Reusable (chunk, N) matmul buffer on ``q``'s device, one per thread (not saved)."""
-        local = getattr(self, "_buffer", None)
-        if local is None:
-            local = self._buffer = threading.local()
-        buf = getattr(local, "tensor", None)
-        n = self.bank_.shape[0]
-        if buf is None or buf.shape != (chunk_size, n) or buf.device != q.device:
-            buf = torch.empty(chunk_size, n, dtype=torch.float32, device=q.device)
-            local.tensor = buf
-        return buf
-
-    def _official_faiss(self, q: torch.Tensor) -> np.ndarray:
-        import faiss
-
-        if getattr(self, "_faiss_index", None) is None:
-            index = faiss.IndexFlatIP(self.n_features_in_)
-            index.add(self.bank_.numpy())
-            self._faiss_index = index
-        sims, _ = self._faiss_index.search(q.numpy(), self.k_)
-        return np.arccos(np.clip(sims, -1.0, 1.0)).mean(axis=1) / math.pi
-
-    def score_samples_torch(self, z: torch.Tensor) -> torch.Tensor:
-        """Same scores as :meth:`score_samples` with torch ops on ``z``'s device (no grad, no numpy).
-
-        Args:
-            z: (M, D) tensor.
-
-        Returns:
-            (M,) float32 tensor on ``z.device``.
-        """
-        self._check_fitted()
-        with torch.no_grad():
-            q = F.normalize(z.detach().float(), dim=1)
-            return bank_anomaly_scores(q, self._bank_on(q.device), self.k_, self.mode,
-                                       buffer=self._work_buffer(q))
-
-    def _bank_on(self, device: torch.device) -> torch.Tensor:
-        """``bank_`` on ``device``, the copy cached (one transfer per device, not per call)."""
-        if self.bank_.device == device:
-            return self.bank_
+        q = F.normalize(X.detach().float(), dim=1)
+        if q.device.type == "cpu":
+            return eq4_scores(q, self.bank_, int(self.k), self.mode, index=self._knn_index())
         cache = getattr(self, "_device_bank", None)
-        if cache is None or cache.device != device or cache.shape != self.bank_.shape:
-            cache = self.bank_.to(device)
-            self._device_bank = cache
-        return cache
+        if cache is None or cache.device != q.device:
+            cache = self._device_bank = self.bank_.to(q.device)
+        return eq4_scores(q, cache, int(self.k), self.mode, backend="torch")
 
     def to_module(self) -> BankScoreHead:
-        """Export the fitted scorer (bank, K, mode and normalisation) as a scriptable ``nn.Module``."""
         self._check_fitted()
-        offset = getattr(self, "offset_", None)
-        return BankScoreHead(self.bank_.clone(), self.k_, self.mode,
-                             0.0 if offset is None else offset, self.scale_, normalize=offset is not None)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain tensors/numbers/strings (``torch.load(..., weights_only=True)`` safe)."""
-        self._check_fitted()
-        return {"kind": "bank", "k": int(self.k), "mode": self.mode, "backend": self.backend,
-                "bank": self.bank_.clone(), "k_": int(self.k_), **self._norm_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> BankScorer:
-        """Restore a fitted scorer from :meth:`state_dict` output.
-
-        Raises:
-            ValueError: missing keys or a state of another scorer kind.
-        """
-        if state.get("kind", "bank") != "bank" or "bank" not in state:
-            msg = f"not a BankScorer state (kind={state.get('kind')!r}, keys={sorted(state)})"
-            raise ValueError(msg)
-        self.k, self.mode, self.backend = int(state["k"]), str(state["mode"]), str(state["backend"])
-        self._check_params()
-        self.bank_ = state["bank"].detach().cpu().float().contiguous()
-        self.n_features_in_ = int(self.bank_.shape[1])
-        self.k_ = int(state["k_"])
-        self._faiss_index = None
-        self._device_bank = None
-        self._load_norm_state(state)
-        return self
+        return BankScoreHead(self.bank_, int(self.k), self.mode)
 
 
-class BankScoreHead(nn.Module):
-    """Fitted :class:`BankScorer` as a module: ``z (M, D) -> (M,)`` normalised score (TorchScript/export).
-
-    Buffers ``bank`` (N, D), ``offset``, ``scale``; ``forward`` = ``bank_anomaly_scores`` then
-    ``clamp((s - offset) / scale, 0, 1)`` when ``normalize`` is set.
-    """
-
-    def __init__(self, bank: torch.Tensor, k: int, mode: str, offset: float = 0.0, scale: float = 1.0,
-                 normalize: bool = True) -> None:
-        super().__init__()
-        self.register_buffer("bank", bank)
-        self.register_buffer("offset", torch.tensor(float(offset)))
-        self.register_buffer("scale", torch.tensor(float(scale)))
-        self.k = int(k)
-        self.mode = str(mode)
-        self.normalize = bool(normalize)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        q = F.normalize(z.float(), p=2.0, dim=1)
-        s = bank_anomaly_scores(q, self.bank, self.k, self.mode)
-        if self.normalize:
-            s = ((s - self.offset) / self.scale).clamp(0.0, 1.0)
-        return s
-
-
-class ReconstructionScorer(_MinMaxNormalization, BaseEstimator):
-    """DAE baseline score: per-image reconstruction error (higher = more abnormal).
+class ReconstructionErrorScorer(AnomalyScorer):
+    """DAE score: the mean of an image's per-pixel reconstruction errors (``X`` = (n, pixels) errors,
+    squared for MSE or absolute for L1, as the method computes them). Nothing is learnt but ``offset_``.
 
     Parameters:
-        kind: ``"mse"`` (default) or ``"l1"``.
+        contamination: see :class:`AnomalyScorer`.
     """
 
-    def __init__(self, kind: str = "mse") -> None:
-        self.kind = kind
+    def __init__(self, contamination: float = 0.1) -> None:
+        self.contamination = contamination
 
-    def fit(self, *_args: Any, **_kwargs: Any) -> ReconstructionScorer:
-        """Nothing to learn (arguments ignored); marks the scorer fitted and returns self."""
-        if self.kind not in ("mse", "l1"):
-            msg = f"kind {self.kind!r} is not one of ['mse', 'l1']"
-            raise ValueError(msg)
+    def _fit(self, X: torch.Tensor) -> None:
         self.fitted_ = True
-        self.offset_, self.scale_ = None, 1.0
-        return self
 
-    def score_samples(self, x: Any, x_hat: Any) -> np.ndarray:
-        """Per-image mean squared (or absolute) error: (B, C, H, W), (B, C, H, W) -> (B,) numpy."""
-        if not getattr(self, "fitted_", False):
-            msg = "ReconstructionScorer is not fitted yet: call fit() first"
-            raise NotFittedError(msg)
-        x_t, xh_t = _as_tensor(x, "x"), _as_tensor(x_hat, "x_hat")
-        with torch.no_grad():
-            return reconstruction_loss(xh_t, x_t, self.kind, "none").numpy().astype(np.float64)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": "reconstruction", "rec_kind": self.kind, **self._norm_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> ReconstructionScorer:
-        if state.get("kind") != "reconstruction":
-            msg = f"not a ReconstructionScorer state (kind={state.get('kind')!r})"
-            raise ValueError(msg)
-        self.kind = str(state["rec_kind"])
+    def _restore(self, fitted: dict[str, torch.Tensor]) -> None:
         self.fitted_ = True
-        self._load_norm_state(state)
-        return self
+
+    def _score(self, X: torch.Tensor) -> torch.Tensor:
+        return X.double().mean(dim=1)
+
+    def score_samples_torch(self, X: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        return X.detach().double().mean(dim=1)
+
+    def to_module(self) -> nn.Module:
+        self._check_fitted()
+        return _MeanHead()
 
 
-class SVDDScorer(_MinMaxNormalization, BaseEstimator):
-    """Deep SVDD baseline score: squared distance ``||z - c||^2`` to the fixed centre (higher = more abnormal).
+class _MeanHead(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double().mean(dim=1).float()
 
-    ``fit(center (D,))`` stores ``center_``; ``score_samples(z (M, D)) -> (M,)`` numpy.
+
+class CenterDistanceScorer(AnomalyScorer):
+    """Deep SVDD score: squared distance ``||x - c||^2`` to a centre (Ruff et al., ICML 2018).
+
+    Parameters:
+        center: the fixed (D,) centre of Deep SVDD training; ``None`` fits the mean of ``X``.
+        contamination: see :class:`AnomalyScorer`.
+
+    Attributes:
+        center_: (D,) float32.
     """
 
-    def fit(self, center: Any) -> SVDDScorer:
-        c = _as_tensor(center, "center").view(-1)
-        if c.numel() == 0 or not torch.isfinite(c).all():
-            msg = "SVDDScorer.fit needs a finite, non-empty centre vector"
+    _fitted_tensors = ("center_",)
+
+    def __init__(self, center: Any = None, contamination: float = 0.1) -> None:
+        self.center = center
+        self.contamination = contamination
+
+    def _fit(self, X: torch.Tensor) -> None:
+        if self.center is None:
+            self.center_ = X.float().mean(dim=0)
+            return
+        c = _as_2d(torch.as_tensor(np.asarray(self.center, dtype=np.float32)).reshape(1, -1), "center")[0]
+        if c.numel() != X.shape[1]:
+            msg = f"center has {c.numel()} coordinates, X has {X.shape[1]} features"
             raise ValueError(msg)
         self.center_ = c
-        self.n_features_in_ = int(c.numel())
-        self.offset_, self.scale_ = None, 1.0
-        return self
 
-    def score_samples(self, z: Any) -> np.ndarray:
-        if getattr(self, "center_", None) is None:
-            msg = "SVDDScorer is not fitted yet: call fit(center) first"
-            raise NotFittedError(msg)
-        q = _as_2d(z, "z", self.n_features_in_)
-        return (q - self.center_).square().sum(dim=1).numpy().astype(np.float64)
+    def _score(self, X: torch.Tensor) -> torch.Tensor:
+        return (X.double() - self.center_.double()).square().sum(dim=1)
 
-    def state_dict(self) -> dict[str, Any]:
-        if getattr(self, "center_", None) is None:
-            msg = "SVDDScorer is not fitted yet: call fit(center) first"
-            raise NotFittedError(msg)
-        return {"kind": "svdd", "center": self.center_.clone(), **self._norm_state()}
+    def score_samples_torch(self, X: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        return (X.detach().double() - self.center_.to(X.device).double()).square().sum(dim=1)
 
-    def load_state_dict(self, state: dict[str, Any]) -> SVDDScorer:
-        if state.get("kind") != "svdd":
-            msg = f"not an SVDDScorer state (kind={state.get('kind')!r})"
+    def to_module(self) -> nn.Module:
+        self._check_fitted()
+        return _CenterHead(self.center_)
+
+
+class _CenterHead(nn.Module):
+    def __init__(self, center: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("center", center.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.double() - self.center.double()).square().sum(dim=1).float()
+
+
+class KNNScorer(AnomalyScorer):
+    """Mean distance to the k nearest training samples (pixel kNN baseline; SPADE's image score).
+
+    Parameters:
+        k: neighbours (SPADE: 50; a pixel kNN: 5). ``k`` > the training samples is refused.
+        metric: ``"cosine"`` (1 - cosine similarity of L2-normalised rows) or ``"euclidean"``.
+        backend: kNN backend (see :mod:`salad_med.scoring.knn`).
+        contamination: see :class:`AnomalyScorer`.
+
+    Attributes:
+        train_: (n, F) float32 training rows (unit rows for cosine).
+
+    References:
+        Cohen & Hoshen, "Sub-Image Anomaly Detection with Deep Pyramid Correspondences" (SPADE), 2020.
+    """
+
+    _fitted_tensors = ("train_",)
+
+    def __init__(self, k: int = 5, metric: str = "cosine", backend: str = "auto", contamination: float = 0.1) -> None:
+        self.k = k
+        self.metric = metric
+        self.backend = backend
+        self.contamination = contamination
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.metric not in ("cosine", "euclidean"):
+            msg = f"metric {self.metric!r} is not one of ['cosine', 'euclidean']"
             raise ValueError(msg)
-        self.fit(state["center"])
-        self._load_norm_state(state)
-        return self
+        if not isinstance(self.k, (int, np.integer)) or isinstance(self.k, bool) or self.k < 1:
+            msg = f"k must be a positive integer, got {self.k!r}"
+            raise ValueError(msg)
+        resolve_backend(self.backend)
+
+    def _prepare(self, X: torch.Tensor) -> torch.Tensor:
+        return F.normalize(X.float(), dim=1) if self.metric == "cosine" else X.float()
+
+    def _fit(self, X: torch.Tensor) -> None:
+        n = int(X.shape[0])
+        if int(self.k) > n:
+            msg = f"k={self.k} neighbours asked of {n} training samples (n_samples={n}): lower k"
+            raise ConfigError(msg)
+        self.train_ = self._prepare(X).contiguous()
+        self._index = None
+
+    def _restore(self, fitted: dict[str, torch.Tensor]) -> None:
+        self.train_ = fitted["train_"].float().contiguous()
+        self._index = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_index", None)
+        return state
+
+    def _score(self, X: torch.Tensor) -> torch.Tensor:
+        q = self._prepare(X)
+        if self.metric == "cosine":
+            if getattr(self, "_index", None) is None:
+                self._index = KnnIndex(self.train_, self.backend)
+            sims, _ = self._index.search(q, int(self.k))
+            return (1.0 - sims.double()).clamp_min(0.0).mean(dim=1)
+        # euclidean: exact float64 distances to every training row, k smallest
+        d2 = torch.cdist(q.double(), self.train_.double()).square()
+        return torch.topk(d2, int(self.k), dim=1, largest=False, sorted=True)[0].clamp_min(0).sqrt().mean(dim=1)
+
+    def to_module(self) -> nn.Module:
+        self._check_fitted()
+        return _KnnHead(self.train_, int(self.k), self.metric)
+
+
+class _KnnHead(nn.Module):
+    def __init__(self, train: torch.Tensor, k: int, metric: str) -> None:
+        super().__init__()
+        self.register_buffer("keys", train.detach().float().clone())
+        self.k, self.metric = int(k), str(metric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.metric == "cosine":
+            q = F.normalize(x.float(), p=2.0, dim=1)
+            top = torch.topk(q @ self.keys.t(), self.k, dim=1, largest=True, sorted=True)[0]
+            return (1.0 - top.double()).clamp_min(0.0).mean(dim=1).float()
+        d2 = torch.cdist(x.double(), self.keys.double()).square()
+        return torch.topk(d2, self.k, dim=1, largest=False, sorted=True)[0].clamp_min(0).sqrt().mean(dim=1).float()
+
+
+class PCAScorer(AnomalyScorer):
+    """Reconstruction error of a linear PCA subspace: ``mean((x - mu - P P^T (x - mu))^2)``.
+
+    Parameters:
+        n_components: principal components kept (int) or explained-variance fraction in (0, 1).
+        contamination: see :class:`AnomalyScorer`.
+
+    Attributes:
+        mean_: (F,) float64; components_: (F, c) float64 orthonormal columns.
+    """
+
+    _fitted_tensors = ("mean_", "components_")
+
+    def __init__(self, n_components: float = 0.95, contamination: float = 0.1) -> None:
+        self.n_components = n_components
+        self.contamination = contamination
+
+    def _fit(self, X: torch.Tensor) -> None:
+        from sklearn.decomposition import PCA
+
+        n_comp = self.n_components
+        if isinstance(n_comp, float) and n_comp >= 1:
+            n_comp = int(n_comp)
+        if isinstance(n_comp, (int, np.integer)):
+            n_comp = max(1, min(int(n_comp), X.shape[0] - 1, X.shape[1]))
+        pca = PCA(n_components=n_comp, svd_solver="full", random_state=0).fit(X.double().numpy())
+        self.mean_ = torch.from_numpy(pca.mean_.astype(np.float64))
+        self.components_ = torch.from_numpy(pca.components_.T.astype(np.float64).copy())
+
+    def _score(self, X: torch.Tensor) -> torch.Tensor:
+        c = X.double() - self.mean_
+        return (c - (c @ self.components_) @ self.components_.T).square().mean(dim=1)
+
+    def to_module(self) -> nn.Module:
+        self._check_fitted()
+        return _PcaHead(self.mean_, self.components_)
+
+
+class _PcaHead(nn.Module):
+    def __init__(self, mean: torch.Tensor, components: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.detach().float().clone())
+        self.register_buffer("components", components.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.float() - self.mean
+        return (c - (c @ self.components) @ self.components.t()).square().double().mean(dim=1).float()
+
+
+class _RefitScorer(AnomalyScorer):
+    """A scikit-learn detector kept as its training rows and refitted deterministically on load (its
+    trees / support vectors are not plain tensors); scores are sklearn's ``-score_samples``."""
+
+    _fitted_tensors = ("train_",)
+
+    def _estimator(self):  # pragma: no cover - abstract
+        raise NotImplementedError(type(self).__name__)
+
+    def _fit(self, X: torch.Tensor) -> None:
+        self.train_ = X.float().contiguous()
+        self.estimator_ = self._estimator().fit(self.train_.double().numpy())
+
+    def _restore(self, fitted: dict[str, torch.Tensor]) -> None:
+        self._fit(fitted["train_"])
+
+    def _score(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(-self.estimator_.score_samples(X.double().numpy()).astype(np.float64))
+
+
+class IsolationForestScorer(_RefitScorer):
+    """scikit-learn ``IsolationForest`` (Liu et al., 2008) on the features, sign flipped.
+
+    Parameters:
+        n_estimators: trees; random_state: seed (refits on load are identical); contamination: see
+        :class:`AnomalyScorer`.
+    """
+
+    def __init__(self, n_estimators: int = 200, random_state: int = 0, contamination: float = 0.1) -> None:
+        self.n_estimators = n_estimators
+        self.random_state = random_state
+        self.contamination = contamination
+
+    def _estimator(self):
+        from sklearn.ensemble import IsolationForest
+
+        return IsolationForest(n_estimators=int(self.n_estimators), random_state=int(self.random_state))
+
+
+class OneClassSVMScorer(_RefitScorer):
+    """scikit-learn ``OneClassSVM`` (RBF kernel, Schoelkopf et al., 2001) on the features, sign flipped.
+
+    Parameters:
+        nu: upper bound on the training outlier fraction; gamma: RBF width (``"scale"``);
+        contamination: see :class:`AnomalyScorer`.
+    """
+
+    def __init__(self, nu: float = 0.1, gamma: str | float = "scale", contamination: float = 0.1) -> None:
+        self.nu = nu
+        self.gamma = gamma
+        self.contamination = contamination
+
+    def _estimator(self):
+        from sklearn.svm import OneClassSVM
+
+        return OneClassSVM(nu=float(self.nu), gamma=self.gamma)
+

@@ -13,7 +13,7 @@ __all__ = ["evaluate", "print_evaluation"]
 
 
 def print_evaluation(result: dict) -> None:
-    """Print the metrics and per-body-part table of :func:`salad_med.evaluation.inference.evaluate_run`."""
+    """Print the metrics and per-body-part table of :func:`salad_med.evaluation.evaluate.evaluate_run`."""
     from rich.console import Console
     from rich.table import Table
 
@@ -46,7 +46,7 @@ def evaluate(
     """Score a split with the run's best checkpoint: metrics.json, scores.csv, roc.png, pr.png, per_body_part.csv."""
     with cli_errors():
         from salad_med.errors import ConfigError
-        from salad_med.evaluation.inference import evaluate_run
+        from salad_med.evaluation.evaluate import evaluate_run
 
         if split not in ("train", "val", "test"):
             msg = f"--split {split!r}: choose train, val or test"

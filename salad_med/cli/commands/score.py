@@ -13,18 +13,23 @@ __all__ = ["score", "score_inputs"]
 
 
 def score_inputs(run: Path, inputs: list[Path], output: Path, checkpoint: str = "best"):
-    """Score ``inputs`` and write ``output/scores.csv`` (atomically); returns the DataFrame."""
+    """Score ``inputs`` and write ``output/scores.csv`` (atomically, with a ``rank`` column: 1 = most
+    abnormal raw score), one DICOM SR per DICOM input under ``output/sr`` and the run's resolved
+    ``output/config.yaml``; returns the DataFrame."""
     from preprocessing.atomic import atomic_path
+    from salad_med.config import save_config
+    from salad_med.dicom.sr import write_score_srs
     from salad_med.evaluation.inference import load_run
 
     model = load_run(run, checkpoint)
     df = model.score_paths(inputs)
-    from salad_med.dicom.sr import write_score_srs  # DICOM inputs also get a DICOM SR (issue 6)
-
+    ok = df["status"] == "ok"
+    df["rank"] = df["raw_score"].where(ok).rank(ascending=False, method="min").astype("Int64")
     df["sr_path"] = write_score_srs(df, output / "sr")
     output.mkdir(parents=True, exist_ok=True)
     with atomic_path(output / "scores.csv") as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6g")
+        df.to_csv(tmp, index=False, float_format="%.10g")
+    save_config(model.cfg, output / "config.yaml")
     return df
 
 
@@ -34,9 +39,12 @@ def score(
     run: Annotated[Path, typer.Option("--run", "-r", help="Run directory of `salad-med train`.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder of scores.csv.")] = Path("."),
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best, last or a .pt path.")] = "best",
+    top: Annotated[int, typer.Option("--top", min=0, help="Print the N most abnormal images (0: none).")] = 10,
 ) -> None:
-    """Score images (training preprocessing applied): scores.csv with image_id, source_path, score in [0, 1]
-    (higher = more abnormal), raw_score, status (ok|failed) and the reason of each failure.
+    """Score images (training preprocessing applied): scores.csv with image_id, source_path, score in
+    [0, 1] (fraction of validation normal images scoring lower; higher = more abnormal), raw_score, rank,
+    ood and ood_reason (out of distribution: body part or embedding unlike the training images),
+    status (ok|failed) and the reason of each failure.
 
     Exit code 0 when at least one input was scored, 1 when none could be.
     """
@@ -47,6 +55,14 @@ def score(
         failed = df[df["status"] != "ok"]
         for row in failed.itertuples(index=False):
             typer.secho(f"failed: {row.source_path}: {row.reason}", err=True, fg="yellow")
+        ranked = df[df["status"] == "ok"].sort_values("rank")
+        for row in ranked.head(top).itertuples(index=False):
+            flag = f"  OUT OF DISTRIBUTION: {row.ood_reason}" if row.ood else ""
+            typer.echo(f"{int(row.rank):4d}  {row.score:.3f}  {Path(row.source_path).name}{flag}")
+        n_ood = int(ranked["ood"].sum())
+        if n_ood:
+            typer.secho(f"warning: {n_ood} image(s) out of distribution: their scores should not be trusted",
+                        err=True, fg="yellow")
         typer.echo(f"scored {len(df) - len(failed)} of {len(df)} inputs ({len(failed)} failed); "
                    f"wrote {output / 'scores.csv'}")
         if len(df) == 0 or len(failed) == len(df):

@@ -49,7 +49,8 @@ def serve(
     output: Annotated[Path, typer.Option("--output", help="Node folder: incoming/, done/, sr/, results.csv, "
                                                            "audit.jsonl.")],
     allow: Annotated[list[str], typer.Option("--allow", help="Calling AE title allowed to send (repeatable).")],
-    ae_title: Annotated[str, typer.Option("--ae-title", help="Our AE title.")] = "SALAD",
+    ae_title: Annotated[str, typer.Option("--ae-title", help="Our AE title; associations addressed to any "
+                                                          "other called AE title are refused.")] = "SALAD",
     port: Annotated[int, typer.Option("--port", help="TCP port to listen on.")] = 11112,
     host: Annotated[str, typer.Option("--host", help="Bind address (0.0.0.0: all interfaces).")] = "0.0.0.0",
     forward: Annotated[str | None, typer.Option("--forward", help="Send each SR to HOST:PORT:AE.")] = None,

@@ -21,13 +21,16 @@ def train(
     config: ConfigOption = None,
     overrides: SetOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from RUN_DIR/last.pt.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in RUN_DIR (without "
+                                                                "--resume or this, an existing run is refused).")] = False,
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Record missing/unreadable files in "
                                                                        "RUN_DIR/skipped.csv and drop them.")] = False,
 ) -> None:
     """Train on the train split, validate every epoch on the val split (never test), keep the best AUC.
 
-    Pre-training with L_rec + lambda L_ss, then rounds adding L_agg (train.method picks SALAD, dae, memdae,
-    salad_no_rec, salad_no_agg or deep_svdd). Every epoch writes last.pt; --resume continues exactly.
+    train.method picks the method (SALAD by default: pre-training with L_rec + lambda L_ss, then rounds
+    adding L_agg; `salad-med config show --methods` lists the others). Every epoch writes last.pt;
+    --resume continues exactly; an existing run is refused (exit 2) unless --resume or --overwrite.
     Runs unchanged under torchrun (DDP; train.batch_size is the global batch; see docs/distributed.md).
     """
     with cli_errors():
@@ -43,7 +46,12 @@ def train(
         if not ctx.is_main:  # rank 0 alone logs progress
             get_logger().setLevel(logging.WARNING)
         try:
-            result = train_from_manifest(cfg, manifest, output, resume=resume)
+            if resume and overwrite:
+                from salad_med.errors import ConfigError
+
+                msg = "--resume and --overwrite exclude each other"
+                raise ConfigError(msg)
+            result = train_from_manifest(cfg, manifest, output, resume=resume, overwrite=overwrite)
         finally:
             cleanup_distributed()
         if not ctx.is_main:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from salad_med.config import load_config
 from salad_med.data.dataset import build_cache, build_datasets, load_split_manifest
-from salad_med.errors import DataError
+from salad_med.errors import ConfigError, DataError
 from tests.conftest import TINY_OVERRIDES, write_tiny_split
 
 
@@ -45,7 +45,7 @@ def test_cache_reused_and_invalidated(pre_split, tmp_path):
     mtime = first.path.stat().st_mtime_ns
     again = build_cache(rows, _cfg(), tmp_path / "cache")
     assert again.path == first.path and again.path.stat().st_mtime_ns == mtime
-    other_size = build_cache(rows, _cfg("data.image_size=16"), tmp_path / "cache")
+    other_size = build_cache(rows, _cfg("data.image_size=16", "data.allow_resize=true"), tmp_path / "cache")
     assert other_size.path != first.path and other_size.shape == (len(rows), 16, 16)
     wide = build_cache(rows, _cfg("preprocess.bit_depth=16"), tmp_path / "cache")
     assert wide.dtype == np.uint16
@@ -138,3 +138,39 @@ def test_no_val_rows_is_a_clear_error(tmp_path):
     df.loc[df["split"] == "val", "split"] = "test"
     with pytest.raises(DataError, match="no 'val' rows.*never falls back to `test`"):
         build_datasets(_cfg(), df, tmp_path / "cache")
+
+
+# ------------------------------------------------------------------- preprocessed size vs data.image_size
+def test_preprocessed_size_differing_from_image_size_is_refused(pre_split, tmp_path):
+    """32 px PNGs from `salad-med preprocess` are not silently resampled to data.image_size=16."""
+    manifest = load_split_manifest(pre_split)
+    with pytest.raises(ConfigError) as err:
+        build_datasets(_cfg("data.image_size=16"), manifest, tmp_path / "cache")
+    msg = str(err.value)
+    first = manifest[manifest["split"] == "train"]["output_path"].iloc[0]
+    assert str(pre_split) in msg and first in msg  # the manifest and its first image
+    assert "32" in msg and "16" in msg  # both sizes
+    assert "--set data.image_size=32" in msg and "--size 16" in msg and "data.allow_resize" in msg
+    assert not list((tmp_path / "cache").glob("*.npy"))  # refused before any image was cached
+
+
+def test_allow_resize_resamples_preprocessed_images(pre_split, tmp_path):
+    ds = build_datasets(_cfg("data.image_size=16", "data.allow_resize=true"), load_split_manifest(pre_split),
+                        tmp_path / "cache")
+    assert ds["train"][0]["image"].shape == (1, 16, 16)
+
+
+def test_size_is_checked_on_the_first_readable_preprocessed_image(tmp_path):
+    """An unreadable first PNG (reported by the build) does not hide the size mismatch of the others."""
+    split = write_tiny_split(tmp_path / "imgs", n=24, preprocessed=True)
+    (tmp_path / "imgs" / "img000.png").write_text("not an image")
+    cfg = _cfg("data.image_size=16", "data.skip_missing=true")
+    with pytest.raises(ConfigError, match="img001.png"):
+        build_datasets(cfg, load_split_manifest(split), tmp_path / "cache")
+
+
+def test_rows_without_output_path_are_not_size_checked(tmp_path):
+    """Source files go through the pipeline (resized by design); only preprocessed outputs are checked."""
+    split = write_tiny_split(tmp_path / "imgs", n=24)  # output_path empty
+    ds = build_datasets(_cfg("data.image_size=16"), load_split_manifest(split), tmp_path / "cache")
+    assert ds["val"][0]["image"].shape == (1, 16, 16)

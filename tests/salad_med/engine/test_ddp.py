@@ -54,31 +54,31 @@ def record_run(split: Path, run_dir: Path, overrides: list[str], stop_after: int
     """
     from salad_med.config import load_config
     from salad_med.engine.distributed import get_context
-    from salad_med.engine.trainer import SaladTrainer, train_from_manifest
+    from salad_med.engine.trainer import Trainer, train_from_manifest
 
     cfg = load_config("demo", overrides)
     record: dict = {"losses": [], "banks": [], "neighbours": {}}
-    original = SaladTrainer.train_step
+    original = Trainer.train_step
 
     def train_step(self, batch):
         out = original(self, batch)
         record["losses"].append(out)
-        record["banks"].append(self.bank.features.detach().clone())
+        record["banks"].append(self.method.bank.features.detach().clone())
         return out
 
     def on_epoch(trainer, row) -> None:
-        n = trainer.neigh
+        n = trainer.method.neigh
         if n is not None:
             record["neighbours"][int(row["epoch"])] = (n.prototypical.clone(), n.neighbours.clone(), int(n.k))
         if stop_after is not None and int(row["epoch"]) >= stop_after:
             raise _Stop
 
-    SaladTrainer.train_step = train_step
+    Trainer.train_step = train_step
     try:
         with contextlib.suppress(_Stop):
             train_from_manifest(cfg, split, run_dir, callbacks=[on_epoch])
     finally:
-        SaladTrainer.train_step = original
+        Trainer.train_step = original
     ctx = get_context()
     record.update(rank=ctx.rank, world=ctx.world_size)
     return record
@@ -270,8 +270,8 @@ def test_ddp_two_processes_equal_single_process_and_resume(tmp_path):
     ref_last = torch.load(tmp_path / "single_run" / "last.pt", weights_only=True)
     assert last["epoch"] == ref_last["epoch"] == EPOCHS
     assert last["global_step"] == ref_last["global_step"] == EPOCHS * STEPS_PER_EPOCH
-    _close(last["bank"]["features"], ref_last["bank"]["features"])
-    _close(last["bank"]["features"], ref["banks"][-1])
+    _close(last["method_state"]["bank"]["features"], ref_last["method_state"]["bank"]["features"])
+    _close(last["method_state"]["bank"]["features"], ref["banks"][-1])
     for name, w in ref_last["model"].items():
         _close(last["model"][name], w, atol=1e-4)
     # losses (epoch means of the global per-step losses) and the validation metric over the whole split

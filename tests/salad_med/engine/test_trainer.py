@@ -1,4 +1,4 @@
-"""The progressive trainer: exact resume, val-only selection, method switches, checkpoint contents."""
+"""The trainer: exact resume, val-only selection, every registered method, checkpoint contents, refusals."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import torch
 
 from salad_med.config import load_config
 from salad_med.data.dataset import build_datasets, load_split_manifest
-from salad_med.engine.trainer import SaladTrainer, epoch_round, loss_for_method
-from salad_med.errors import ConfigError, DataError
-from salad_med.evaluation.inference import load_run, read_checkpoint
+from salad_med.engine.checkpoint import read_checkpoint
+from salad_med.engine.trainer import Trainer, train_from_manifest
+from salad_med.errors import ConfigError, DataError, RunExistsError
+from salad_med.evaluation.inference import load_run
+from salad_med.methods.registry import available_methods, get_method
 from tests.conftest import TINY_OVERRIDES, write_tiny_split
 
 
@@ -47,15 +49,15 @@ def _cfg(*extra):
 def test_resume_is_exact(method, schedule, split, cache, tmp_path):
     cfg = _cfg(f"train.method={method}", f"train.schedule={schedule}", "train.augment_views=1")
     train, val = _datasets(cfg, split, cache)
-    straight = SaladTrainer(cfg, train, val, tmp_path / "a")
+    straight = Trainer(cfg, train, val, tmp_path / "a")
     straight.fit()
 
-    killed = SaladTrainer(cfg, train, val, tmp_path / "b", callbacks=[_kill])
+    killed = Trainer(cfg, train, val, tmp_path / "b", callbacks=[_kill])
     with pytest.raises(_Kill):
         killed.fit()
     assert read_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
     torch.manual_seed(1234)  # disturb the global RNG: the checkpoint must restore it
-    resumed = SaladTrainer(cfg, train, val, tmp_path / "b", resume=True)
+    resumed = Trainer(cfg, train, val, tmp_path / "b", resume=True)
     assert resumed.epoch == 1
     resumed.fit()
 
@@ -63,9 +65,9 @@ def test_resume_is_exact(method, schedule, split, cache, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    if straight.bank is not None:
-        assert torch.equal(straight.bank.features, resumed.bank.features)
-    cols = ["epoch", "round", "loss_total", "loss_ss", "loss_agg", "val_auc"]
+    if straight.method.has_bank:
+        assert torch.equal(straight.method.bank.features, resumed.method.bank.features)
+    cols = ["epoch", "phase", "loss_total", *[f"loss_{k}" for k in straight.method.loss_keys], "val_auc"]
     pd.testing.assert_frame_equal(pd.DataFrame(straight.history)[cols], pd.DataFrame(resumed.history)[cols])
     assert pd.read_csv(tmp_path / "b" / "metrics.csv")["epoch"].tolist() == [1, 2]
 
@@ -73,38 +75,46 @@ def test_resume_is_exact(method, schedule, split, cache, tmp_path):
 def test_resume_refuses_another_config(split, cache, tmp_path):
     cfg = _cfg()
     train, val = _datasets(cfg, split, cache)
-    SaladTrainer(cfg, train, val, tmp_path / "run").fit()
+    Trainer(cfg, train, val, tmp_path / "run").fit()
     with pytest.raises(ConfigError, match=r"train\.lr"):
-        SaladTrainer(_cfg("train.lr=0.01"), train, val, tmp_path / "run", resume=True)
+        Trainer(_cfg("train.lr=0.01"), train, val, tmp_path / "run", resume=True)
     # device / workers may change on resume
-    SaladTrainer(_cfg("data.num_workers=0", "train.device=cpu"), train, val, tmp_path / "run", resume=True)
+    Trainer(_cfg("data.num_workers=0", "train.device=cpu"), train, val, tmp_path / "run", resume=True)
 
 
-@pytest.mark.parametrize("method", ["salad", "salad_no_rec", "salad_no_agg", "memdae", "dae", "deep_svdd"])
+@pytest.mark.parametrize("method", available_methods())
 def test_methods_train_and_score(method, split, cache, tmp_path):
     cfg = _cfg(f"train.method={method}", "train.max_steps_per_epoch=1")
     train, val = _datasets(cfg, split, cache)
-    trainer = SaladTrainer(cfg, train, val, tmp_path / method)
-    init_bank = None if trainer.bank is None else trainer.bank.features.clone()
+    trainer = Trainer(cfg, train, val, tmp_path / method)
+    has_bank = trainer.method.has_bank
+    init_bank = trainer.method.bank.features.clone() if has_bank else None
     trainer.fit()
     last = trainer.history[-1]  # round 1: L_agg active for salad and salad_no_rec
-    for key in ("loss_total", "loss_rec", "loss_ss", "loss_agg", "loss_svdd"):
-        assert math.isfinite(last[key])
     expect_nonzero = {
         "salad": {"loss_rec", "loss_ss", "loss_agg"}, "salad_no_rec": {"loss_ss", "loss_agg"},
         "salad_no_agg": {"loss_rec", "loss_ss"}, "memdae": {"loss_rec"}, "dae": {"loss_rec"},
         "deep_svdd": {"loss_svdd"},
-    }[method]
-    for key in ("loss_rec", "loss_ss", "loss_agg", "loss_svdd"):
-        assert (last[key] != 0) == (key in expect_nonzero), key
-    assert (trainer.bank is not None) == (method in {"salad", "salad_no_rec", "salad_no_agg", "memdae"})
+    }.get(method)
+    if trainer.method.trains_network:
+        for key in trainer.method.loss_keys:
+            assert math.isfinite(last[f"loss_{key}"])
+        if expect_nonzero is not None:
+            assert {f"loss_{k}" for k in trainer.method.loss_keys if last[f"loss_{k}"] != 0} == expect_nonzero
+    else:  # fitted once, no gradient steps
+        assert trainer.global_step == 0 and last["phase"] == "fit" and trainer.epoch == 0
+    assert has_bank == (method in {"salad", "salad_no_rec", "salad_no_agg", "memdae"})
     if init_bank is not None:
-        assert not torch.allclose(init_bank, trainer.bank.features)  # momentum updates happened
-        assert torch.allclose(trainer.bank.features.norm(dim=1), torch.ones(len(train)), atol=1e-5)
+        assert not torch.allclose(init_bank, trainer.method.bank.features)  # momentum updates happened
+        assert torch.allclose(trainer.method.bank.features.norm(dim=1), torch.ones(len(train)), atol=1e-5)
     model = load_run(tmp_path / method)
     scores = model.score_dataset(val)
     assert scores["score"].between(0, 1).all() and scores["raw_score"].notna().all()
-    assert scores["score"].min() == 0.0 and scores["score"].max() == 1.0  # normalisation fitted on val
+    # calibrated on the val normals: each is scored by its mid-rank among them, (i - 0.5) / n
+    normals = scores[scores["label"] == 0].sort_values("raw_score")
+    n = len(normals)
+    assert normals["score"].to_numpy() == pytest.approx([(i + 0.5) / n for i in range(n)], abs=1e-6) or \
+        normals["raw_score"].duplicated().any()
 
 
 def test_selection_uses_val_only(tmp_path):
@@ -115,7 +125,7 @@ def test_selection_uses_val_only(tmp_path):
     cfg = load_config("demo", [*TINY_OVERRIDES, "train.pretrain_epochs=2", "train.rounds=1",
                                "train.epochs_per_round=1"])
     train, val = _datasets(cfg, split, tmp_path / "cache")
-    trainer = SaladTrainer(cfg, train, val, tmp_path / "run")
+    trainer = Trainer(cfg, train, val, tmp_path / "run")
     trainer.fit()
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     best = read_checkpoint(tmp_path / "run" / "best.pt")
@@ -126,48 +136,79 @@ def test_selection_uses_val_only(tmp_path):
     test = build_datasets(cfg, load_split_manifest(write_tiny_split(tmp_path / "ok", n=32)), tmp_path / "c2",
                           splits=("test",))["test"]
     with pytest.raises(DataError, match="never test"):
-        SaladTrainer(cfg, train, test, tmp_path / "bad")
+        Trainer(cfg, train, test, tmp_path / "bad")
     with pytest.raises(DataError, match="never test"):
-        SaladTrainer(cfg, test, val, tmp_path / "bad")
+        Trainer(cfg, test, val, tmp_path / "bad")
 
 
 def test_checkpoint_contents(split, cache, tmp_path):
     cfg = _cfg()
     train, val = _datasets(cfg, split, cache)
-    SaladTrainer(cfg, train, val, tmp_path / "run").fit()
+    Trainer(cfg, train, val, tmp_path / "run").fit()
     ckpt = read_checkpoint(tmp_path / "run" / "last.pt")
-    for key in ("model", "optimizer", "bank", "scorer", "neighbourhoods", "rng", "config", "arch_signature",
-                "epoch", "round", "global_step"):
+    for key in ("model", "optimizer", "method_state", "scorer", "calibration", "ood", "rng", "config",
+                "arch_signature", "epoch", "global_step", "salad_med_version"):
         assert key in ckpt, key
-    assert ckpt["epoch"] == 2 and ckpt["round"] == 1 and ckpt["global_step"] == 4
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 4
     assert set(ckpt["rng"]) >= {"torch", "numpy", "python", "generator"}
-    assert ckpt["bank"]["features"].shape == (len(train), 16)
-    assert ckpt["neighbourhoods"]["k"] == 4
+    assert ckpt["method_state"]["bank"]["features"].shape == (len(train), 16)
+    assert ckpt["method_state"]["neighbourhoods"]["k"] == 4
     assert ckpt["config"]["train"]["method"] == "salad"
     # the scorer's bank drops the known anomaly (row 0 of train)
-    assert ckpt["scorer"]["bank"].shape == (len(train) - 1, 16)
+    assert ckpt["scorer"]["kind"] == "BankScorer" and ckpt["scorer"]["fitted"]["bank_"].shape == (len(train) - 1, 16)
+    assert ckpt["calibration"]["kind"] == "ecdf" and ckpt["calibration"]["n_fit"] == int((val.labels == 0).sum())
+    assert ckpt["ood"]["regions"] == ["upper_limb"]  # XR_HAND / XR_WRIST
     for name in ("best.pt", "last.pt", "config.yaml", "metrics.csv", "curves.png"):
         assert (tmp_path / "run" / name).is_file(), name
 
 
-def test_schedule_helpers():
+def test_schedule_helpers(split, cache):
     cfg = load_config("demo", ["train.pretrain_epochs=3", "train.rounds=2", "train.epochs_per_round=2"])
-    assert [epoch_round(e, cfg) for e in range(7)] == [0, 0, 0, 1, 1, 2, 2]
-    memdae = loss_for_method(load_config("demo", ["train.method=memdae"]))
+    salad = get_method("salad")(cfg)
+    assert [salad.round_of(e) for e in range(7)] == [0, 0, 0, 1, 1, 2, 2]
+    assert salad.num_epochs() == 7
+    memdae = get_method("memdae")(load_config("demo", ["train.method=memdae"])).build_loss()
     assert memdae.use_rec and not memdae.use_ss and not memdae.use_agg
-    salad = loss_for_method(load_config("demo", ["train.rec_loss=l1", "train.lam=0.5"]))
-    assert salad.use_rec and salad.use_ss and salad.use_agg and salad.rec_kind == "l1" and salad.lam == 0.5
+    loss = get_method("salad")(load_config("demo", ["train.rec_loss=l1", "train.lam=0.5",
+                                                     "train.rec_reduction=sum"])).build_loss()
+    assert loss.use_rec and loss.use_ss and loss.use_agg and loss.rec_kind == "l1" and loss.lam == 0.5
+    assert loss.pixel_reduction == "sum"
+    cfg0 = load_config("demo", [*TINY_OVERRIDES, "train.pretrain_epochs=0", "train.rounds=0"])
+    train, val = _datasets(cfg0, split, cache)
     with pytest.raises(ConfigError, match="must be > 0"):
-        SaladTrainer(load_config("demo", ["train.pretrain_epochs=0", "train.rounds=0"]), None, None, "x")
+        Trainer(cfg0, train, val, "x")
+
+
+def test_refusals_before_training(split, cache, tmp_path):
+    """K >= the normal bank rows, a one-class val split, an existing run: clear errors, nothing trained."""
+    cfg = _cfg("score.k=15")
+    train, val = _datasets(cfg, split, cache)
+    rows = int((~train.known_anomaly).sum())  # 15 normal train images
+    with pytest.raises(ConfigError, match=rf"score.k=15 is not below the {rows} normal training images.*at most 14"):
+        Trainer(cfg, train, val, tmp_path / "k")
+    one_class = load_split_manifest(split)
+    one_class = one_class[~((one_class["split"] == "val") & (one_class["label"] == 1))]
+    one_class.to_csv(tmp_path / "one_class.csv", index=False)
+    with pytest.raises(DataError, match="val split has only normal"):
+        train_from_manifest(_cfg(), tmp_path / "one_class.csv", tmp_path / "one")
+    # a finished run is never silently replaced
+    train_from_manifest(_cfg(), split, tmp_path / "done")
+    before = (tmp_path / "done" / "best.pt").read_bytes()
+    with pytest.raises(RunExistsError, match="--resume.*--overwrite"):
+        train_from_manifest(_cfg(), split, tmp_path / "done")
+    assert (tmp_path / "done" / "best.pt").read_bytes() == before
+    train_from_manifest(_cfg("train.lr=0.01"), split, tmp_path / "done", overwrite=True)
+    assert read_checkpoint(tmp_path / "done" / "best.pt")["config"]["train"]["lr"] == 0.01
 
 
 @pytest.mark.parametrize("view_loss", ["query", "aug_set"])
 def test_views_enter_the_sample_specific_loss(view_loss, split, cache, tmp_path):
-    from salad_med.methods.salad.loss import SampleSpecificLoss, reconstruction_loss
+    from salad_med.methods.components.reconstruction import reconstruction_loss
+    from salad_med.methods.salad.loss import SampleSpecificLoss
 
     cfg = _cfg("train.augment_views=2", f"train.view_loss={view_loss}")
     train, val = _datasets(cfg, split, cache)
-    trainer = SaladTrainer(cfg, train, val, tmp_path / "run")
+    trainer = Trainer(cfg, train, val, tmp_path / "run")
     train.set_epoch(0)
     trainer.sampler.set_epoch(0)
     batch = next(iter(trainer.train_loader))
@@ -177,7 +218,7 @@ def test_views_enter_the_sample_specific_loss(view_loss, split, cache, tmp_path)
     with torch.no_grad():
         z_all = trainer.model.encode(torch.cat([x, views.flatten(0, 1)]))
         x_hat = trainer.model.decode(z_all[:b])
-    bank = trainer.bank.features.clone()
+    bank = trainer.method.bank.features.clone()
     if view_loss == "query":  # every view is a query for its image's bank row: -log p(idx_i | w_ia)
         expected_ss = SampleSpecificLoss(tau=cfg.train.tau)(z_all, bank, torch.cat([idx, idx.repeat_interleave(v)]))
     else:  # views join the positives of z_i
@@ -194,12 +235,12 @@ def test_val_every_and_resume_before_first_validation(split, cache, tmp_path):
     cfg = _cfg("train.val_every=2")
     train, val = _datasets(cfg, split, cache)
     with pytest.raises(_Kill):
-        SaladTrainer(cfg, train, val, tmp_path / "run", callbacks=[_kill]).fit()
+        Trainer(cfg, train, val, tmp_path / "run", callbacks=[_kill]).fit()
     assert read_checkpoint(tmp_path / "run" / "last.pt")["scorer"] is None
     assert not (tmp_path / "run" / "best.pt").exists()
-    with pytest.raises(CheckpointError, match="no fitted scorer"):
+    with pytest.raises(CheckpointError, match="no fitted scorer/calibration"):
         load_run(tmp_path / "run", "last")
-    SaladTrainer(cfg, train, val, tmp_path / "run", resume=True).fit()
+    Trainer(cfg, train, val, tmp_path / "run", resume=True).fit()
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert metrics["val_auc"].isna().tolist() == [True, False]
     assert load_run(tmp_path / "run").epoch == 2
@@ -212,11 +253,11 @@ def test_one_image_last_batch_is_dropped_not_fatal(split, cache, tmp_path):
     batch = len(train) - 1  # N = 1 * batch + 1
     cfg = _cfg("train.max_steps_per_epoch=0", "train.pretrain_epochs=1", "train.rounds=0",
                f"train.batch_size={batch}")
-    trainer = SaladTrainer(cfg, train, val, tmp_path / "run")
+    trainer = Trainer(cfg, train, val, tmp_path / "run")
     assert trainer.train_loader.drop_last and len(trainer.train_loader) == 1
     trainer.fit()
     assert trainer.global_step == 1
-    even = SaladTrainer(_cfg("train.batch_size=2"), train, val, tmp_path / "even")
+    even = Trainer(_cfg("train.batch_size=2"), train, val, tmp_path / "even")
     assert even.train_loader.drop_last == (len(train) % 2 == 1)
-    group = SaladTrainer(_cfg(f"train.batch_size={batch}", "model.norm=group"), train, val, tmp_path / "group")
+    group = Trainer(_cfg(f"train.batch_size={batch}", "model.norm=group"), train, val, tmp_path / "group")
     assert not group.train_loader.drop_last  # no BatchNorm: every image of every epoch is used

@@ -7,13 +7,8 @@ import math
 import pytest
 import torch
 
-from salad_med.methods.components.bank import (
-    MemoryBank,
-    faiss_available,
-    resolve_backend,
-    topk_largest,
-    topk_values,
-)
+from salad_med.methods.components.bank import MemoryBank
+from salad_med.scoring.knn import faiss_available, resolve_backend
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
 R2 = 1.0 / math.sqrt(2.0)
@@ -86,9 +81,8 @@ def test_knn_by_hand_with_exclude():
     sims, idx = bank.knn(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), k=2, exclude=torch.tensor([0, 2]))
     # (1,0): R2 (row 1) > 0 (row 2) > -0.6 (row 3); (0,1): R2 (row 1) > 0 (row 0) > -0.8 (row 3)
     assert idx.tolist() == [[1, 2], [1, 0]]
-    with pytest.warns(RuntimeWarning, match="exceeds"):
-        _, idx = bank.knn(torch.tensor([[1.0, 0.0]]), k=9, exclude=torch.tensor([0]))
-    assert idx.shape == (1, 3)
+    with pytest.raises(ValueError, match="3 bank entries available"):
+        bank.knn(torch.tensor([[1.0, 0.0]]), k=4, exclude=torch.tensor([0]))
 
 
 @needs_faiss
@@ -100,7 +94,12 @@ def test_faiss_matches_torch_and_sees_updates():
         s_f, i_f = bank.knn(q, 7, exclude=ex)
         s_t, i_t = bank.knn(q, 7, exclude=ex, backend="torch")
         torch.testing.assert_close(s_f, s_t, atol=1e-5, rtol=0)
-        assert torch.equal(i_f, i_t)
+        # same neighbours wherever the next similarity is clearly apart (float32 rounding of faiss's blocked
+        # products vs torch's matmul may swap exact near-ties, ~1e-7 apart)
+        gap = (s_t[:, :-1] - s_t[:, 1:]) > 1e-5  # (20, 6) gap between ranks j and j + 1
+        ones = torch.ones(20, 1, dtype=torch.bool)
+        clear = torch.cat([gap, ones], dim=1) & torch.cat([ones, gap], dim=1)
+        assert torch.equal(i_f[clear], i_t[clear])
     assert not (i_f == exclude.view(-1, 1)).any()
     # the cached faiss index is rebuilt after an update
     bank.update(torch.tensor([123]), q[:1], momentum=1.0)
@@ -123,21 +122,3 @@ def test_bad_arguments():
         MemoryBank(4, 2, backend="annoy")
     with pytest.raises(ValueError, match="num_entries"):
         MemoryBank(0, 2)
-
-
-@pytest.mark.parametrize("path", ["numpy", "torch"])
-@pytest.mark.parametrize(("n", "k"), [(40_000 // 8, 10), (4_003, 7), (300, 100), (12_800, 100)])
-def test_topk_largest_is_exact(n, k, path):
-    gen = torch.Generator().manual_seed(n)
-    sims = torch.randn(9, n, generator=gen)
-    sims[0, :64] = 5.0  # ties across groups: values must still match
-    # the CPU fast path (numpy introselect) and the torch path (GPU, autograd, TorchScript) agree
-    sims = sims if path == "numpy" else sims.requires_grad_(True)
-    values, idx = topk_largest(sims, k)
-    sims = sims.detach()
-    ref = torch.topk(sims, k, dim=1).values
-    torch.testing.assert_close(values.detach().sort(dim=1, descending=True).values, ref, rtol=0, atol=0)
-    torch.testing.assert_close(sims.gather(1, idx), values.detach(), rtol=0, atol=0)  # indices point at the values
-    assert idx.dtype == torch.int64 and all(len(set(row)) == k for row in idx.tolist())  # no index twice
-    only = topk_values(sims, k)
-    torch.testing.assert_close(only.sort(dim=1, descending=True).values, ref, rtol=0, atol=0)

@@ -11,20 +11,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from salad_med.methods.salad.loss import (
-    METHOD_SWITCHES,
-    AggregationLoss,
-    DeepSVDDLoss,
-    ReconstructionLoss,
-    SaladLoss,
-    SampleSpecificLoss,
-    neighbourhood_size,
-    neighbourhoods,
-    reconstruction_loss,
-    svdd_center,
-)
+from salad_med.methods.registry import get_method
+from salad_med.methods.salad.loss import AggregationLoss, SaladLoss, SampleSpecificLoss
 
 E = math.e
 BANK = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
@@ -35,23 +24,6 @@ SS_0 = LOG_Z - 1.0  # -log p_00 = log Z - 1 = 0.6265234
 
 def _close(actual: torch.Tensor, expected: float | list[float]) -> None:
     torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float32), atol=1e-6, rtol=1e-6)
-
-
-def test_reconstruction_by_hand():
-    x = torch.zeros(1, 1, 2, 2)
-    x_hat = torch.tensor([[[[0.5, -0.5], [1.0, 0.0]]]])
-    _close(ReconstructionLoss("mse")(x_hat, x), (0.25 + 0.25 + 1.0 + 0.0) / 4)  # 0.375
-    _close(ReconstructionLoss("l1")(x_hat, x), (0.5 + 0.5 + 1.0 + 0.0) / 4)  # 0.5
-    x2 = torch.cat([x, x]), torch.cat([x_hat, torch.zeros_like(x_hat)])
-    _close(reconstruction_loss(x2[1], x2[0], "mse", "none"), [0.375, 0.0])
-    _close(reconstruction_loss(x2[1], x2[0], "mse", "sum"), 0.375)
-    _close(reconstruction_loss(x2[1], x2[0], "mse", "mean"), 0.1875)
-    with pytest.raises(ValueError, match="kind"):
-        ReconstructionLoss("ssim")
-    with pytest.raises(ValueError, match="reduction"):
-        ReconstructionLoss("mse", reduction="max")
-    with pytest.raises(ValueError, match="shape"):
-        reconstruction_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 3, 3))
 
 
 def test_sample_specific_by_hand():
@@ -134,18 +106,32 @@ def test_salad_loss_paper_by_hand():
     pre = loss(x, x_hat, z, BANK, idx)
     _close(pre["agg"], 0.0)
     _close(pre["total"], 0.0625 + 0.25 * SS_0)
-    # ablations
-    no_rec = SaladLoss.for_method("salad_no_rec", lam=0.25, tau=1.0)(None, None, z, BANK, idx, nbrs)
+    # the paper's L_mse = ||x - x_hat||_2^2 sums over the 4 pixels: 0.25 per image
+    summed = SaladLoss(lam=0.25, tau=1.0, pixel_reduction="sum")(x, x_hat, z, BANK, idx, nbrs)
+    _close(summed["rec"], 0.25)
+    _close(summed["total"], 0.25 + 0.25 * (SS_0 + agg))
+
+
+def _switches(name: str) -> dict[str, bool]:
+    cls = get_method(name)
+    return {"use_rec": cls.use_rec, "use_ss": cls.use_ss, "use_agg": cls.use_agg, "use_views": cls.uses_views}
+
+
+def test_table1_ablations_by_hand():
+    x = torch.zeros(2, 1, 2, 2)
+    x_hat = torch.zeros(2, 1, 2, 2)
+    x_hat[:, 0, 0, 0] = 0.5
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    idx, nbrs = torch.tensor([0, 1]), torch.tensor([[1, 3], [0, 2]])
+    agg = LOG_Z - math.log(2.0)
+    no_rec = SaladLoss(lam=0.25, tau=1.0, **_switches("salad_no_rec"))(None, None, z, BANK, idx, nbrs)
     _close(no_rec["rec"], 0.0)
     _close(no_rec["total"], 0.25 * (SS_0 + agg))
-    no_agg = SaladLoss.for_method("salad_no_agg", lam=0.25, tau=1.0)(x, x_hat, z, BANK, idx, nbrs)
+    no_agg = SaladLoss(lam=0.25, tau=1.0, **_switches("salad_no_agg"))(x, x_hat, z, BANK, idx, nbrs)
     _close(no_agg["total"], 0.0625 + 0.25 * SS_0)
-    dae = SaladLoss.for_method("dae")(x, x_hat, z, None, None)
-    _close(dae["total"], 0.0625)
-    assert not SaladLoss.for_method("dae").needs_bank
-    assert METHOD_SWITCHES["memdae"] == METHOD_SWITCHES["dae"]  # MemDAE = DAE loss + a scored bank
-    with pytest.raises(ValueError, match="deep_svdd"):
-        SaladLoss.for_method("deep_svdd")
+    memdae = SaladLoss(**_switches("memdae"))
+    _close(memdae(x, x_hat, z, None, None)["total"], 0.0625)  # MemDAE = DAE loss + a scored bank
+    assert not memdae.needs_bank and get_method("memdae").has_bank and not get_method("dae").has_bank
 
 
 def test_salad_loss_views_switch():
@@ -168,88 +154,6 @@ def test_salad_loss_official_by_hand():
     _close(out["agg"], (LOG_Z - math.log(E + 2)) / 2)
     _close(out["ss"], SS_0 / 2)
     _close(out["total"], (LOG_Z - math.log(E + 2) + SS_0) / 2)
-
-
-def _and_criterion(z, bank, y, anchors, nbrs, tau):
-    """Re-implementation of the official AND/SALAD ``Criterion`` (softmax, gather, NLL, / batch)."""
-    preds = F.softmax(z @ bank.T / tau, dim=1)
-    total = 0.0
-    for i in range(z.shape[0]):
-        if anchors[y[i]]:
-            total += -torch.log(preds[i, y[i]] + preds[i, nbrs[y[i]]].sum())
-        else:
-            total += -torch.log(preds[i, y[i]])
-    return total / z.shape[0]
-
-
-def test_official_schedule_matches_official_criterion():
-    gen = torch.Generator().manual_seed(0)
-    bank = F.normalize(torch.randn(60, 8, generator=gen), dim=1)
-    nb = neighbourhoods(bank, round=3, rounds=10, schedule="official", official_neighbours=5, tau=0.1)
-    assert int(nb.prototypical.sum()) == 60 * 3 // 10 and nb.neighbours.shape == (60, 5)
-    y = torch.arange(0, 60, 3)  # 20 images of the batch
-    z = F.normalize(torch.randn(20, 8, generator=gen), dim=1)
-    proto, nbrs = nb.select(y)
-    out = SaladLoss(lam=1.0, tau=0.1, schedule="official", use_rec=False)(None, None, z, bank, y, nbrs, proto)
-    expected = _and_criterion(z, bank, y, nb.prototypical, nb.neighbours, 0.1)
-    torch.testing.assert_close(out["total"], expected, atol=1e-5, rtol=1e-5)
-
-
-def test_neighbourhood_sizes():
-    assert [neighbourhood_size(r, 10, 100) for r in (0, 1, 5, 10)] == [0, 10, 50, 100]
-    assert neighbourhood_size(1, 2, 5) == 3  # 5 * 1 / 2 = 2.5 rounds half up
-    assert neighbourhood_size(1, 10, 3) == 1  # never below 1 after pre-training
-    assert neighbourhood_size(4, 10, 100, "official", official_neighbours=10) == 10
-
-
-def test_paper_neighbourhoods_by_hand():
-    c, s = math.cos(math.radians(10)), math.sin(math.radians(10))
-    bank = torch.tensor([[1.0, 0.0], [c, s], [0.0, 1.0], [-0.6, -0.8]])
-    # cosines: row0 [1, .985, 0, -.6]; row1 [.985, 1, .174, -.730]; row2 [0, .174, 1, -.8];
-    #          row3 [-.6, -.730, -.8, 1]
-    nb = neighbourhoods(bank, round=2, rounds=2, schedule="paper", k=3)
-    assert nb.k == 3 and nb.prototypical.all()
-    assert nb.neighbours.tolist() == [[1, 2, 3], [0, 2, 3], [1, 0, 3], [0, 1, 2]]
-    nb1 = neighbourhoods(bank, round=1, rounds=2, schedule="paper", k=3)  # k_1 = round(1.5) = 2
-    assert nb1.neighbours.tolist() == [[1, 2], [0, 2], [1, 0], [0, 1]]
-    pre = neighbourhoods(bank, round=0, rounds=2)
-    assert pre.neighbours.shape == (4, 0) and not pre.prototypical.any()
-    with pytest.raises(ValueError, match="round"):
-        neighbourhoods(bank, round=3, rounds=2)
-
-
-def test_official_anchors_are_lowest_entropy():
-    c, s = math.cos(math.radians(10)), math.sin(math.radians(10))
-    bank = torch.tensor([[1.0, 0.0], [c, s], [0.0, 1.0], [-0.6, -0.8]])
-    nb = neighbourhoods(bank, round=1, rounds=3, schedule="official", official_neighbours=1, tau=0.1)
-    # entropy H_i = -sum_j p_ij log p_ij with p_i. = softmax(cos_i. / 0.1): rows 0 and 1 split their mass
-    # between each other (H ~ log 2), row 3's self-similarity dominates (H ~ 0)
-    p = F.softmax(bank @ bank.T / 0.1, dim=1)
-    torch.testing.assert_close(nb.entropy, -(p * p.log()).sum(1))
-    assert nb.entropy[0] > 0.6 and nb.entropy[3] < 1e-3
-    assert nb.prototypical.tolist() == [False, False, False, True]  # floor(4 * 1 / 3) = 1 anchor
-    assert nb.neighbours[:, 0].tolist() == [1, 0, 1, 0]
-    two = neighbourhoods(bank, round=2, rounds=3, schedule="official", official_neighbours=1, tau=0.1)
-    assert two.prototypical.tolist() == [False, False, True, True]  # floor(8 / 3) = 2 anchors
-
-
-def test_neighbourhoods_chunking_is_exact():
-    bank = F.normalize(torch.randn(130, 6, generator=torch.Generator().manual_seed(1)), dim=1)
-    for schedule in ("paper", "official"):
-        a = neighbourhoods(bank, 2, 4, schedule, k=8, official_neighbours=4, chunk_size=7)
-        b = neighbourhoods(bank, 2, 4, schedule, k=8, official_neighbours=4, chunk_size=1000)
-        assert torch.equal(a.neighbours, b.neighbours) and torch.equal(a.prototypical, b.prototypical)
-        assert not (a.neighbours == torch.arange(130).view(-1, 1)).any()  # self excluded
-
-
-def test_deep_svdd_by_hand():
-    z = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
-    c = torch.tensor([0.0, 1.0])
-    # ||(1, -1)||^2 = 2; ||(0.6, -0.2)||^2 = 0.36 + 0.04 = 0.4
-    _close(DeepSVDDLoss(reduction="none")(z, c), [2.0, 0.4])
-    _close(DeepSVDDLoss()(z, c), 1.2)
-    # centre: mean (-0.025, 0.75); |-0.025| < eps = 0.1 -> -0.1
-    _close(svdd_center(torch.tensor([[0.05, 1.0], [-0.1, 0.5]])), [-0.1, 0.75])
 
 
 def test_invalid_arguments():

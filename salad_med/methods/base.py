@@ -1,0 +1,256 @@
+"""What a method is: the contract between one method's home and the trainer, evaluator, exporter and node.
+
+A method (SALAD, one of its ablations, a baseline, a survey comparator) is one module or folder under
+:mod:`salad_med.methods` that defines a subclass of :class:`AnomalyMethod` and registers it with
+:func:`salad_med.methods.registry.register_method`. It declares:
+
+* **what it is**: ``name``, ``title``, ``paper`` (reference), ``has_bank``, ``map_kind``
+  (``"native"``, ``"reconstruction"``, or ``None`` for image-level methods), ``trains_network``;
+* **its defaults**: ``defaults`` (dotted config keys applied when the user's config does not set
+  them) and an optional ``Params`` dataclass validated as the config's ``params:`` section;
+* **its network**: :meth:`build_model` (a pure ``nn.Module``) and :meth:`train_module` (what one
+  training step runs; the trainer wraps it in DDP);
+* **its loss and training state**: :meth:`setup` (bank, centre...), :meth:`training_loss`,
+  :meth:`after_step` (no-grad state updates), :meth:`on_fit_start`, :meth:`on_epoch_start`,
+  :meth:`state_dict` / :meth:`load_state_dict` (checkpointed with the run);
+* **its scorer**: :meth:`make_scorer`, :meth:`fit_scorer`, :meth:`features` (what the scorer reads),
+  :meth:`score` (raw scores, higher = more abnormal), :meth:`anomaly_map`, :meth:`export_module`.
+
+Nobody outside :mod:`salad_med.methods` compares method names: callers ask the registry for the
+method object and use these hooks.
+
+Example:
+    >>> method = get_method("salad")(cfg, num_train=len(train_ds))
+    >>> model = method.build_model()
+    >>> raw = method.score(model, scorer, x)        # (B,) float64
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from salad_med.config import Config
+
+if TYPE_CHECKING:
+    from salad_med.engine.trainer import Trainer
+    from salad_med.scoring.scorers import AnomalyScorer
+
+__all__ = ["AnomalyMethod", "TrainBatch", "FeatureScoreNet", "EncoderForward"]
+
+
+@dataclass
+class TrainBatch:
+    """One training batch on the device.
+
+    Attributes:
+        x: (B, 1, S, S) images in [0, 1].
+        index: (B,) int64 dataset rows (= bank rows).
+        views: (B, V, 1, S, S) augmented views, or None.
+    """
+
+    x: torch.Tensor
+    index: torch.Tensor
+    views: torch.Tensor | None = None
+
+
+class EncoderForward(nn.Module):
+    """The default training forward of the embedding auto-encoders (the module DDP wraps).
+
+    ``forward(x (B,1,S,S), views (B,V,1,S,S) | None) -> (z (B,D), z_views (B,V,D) | None, x_hat | None)``:
+    images and views are encoded in one pass, only the images are decoded (when ``decode``).
+    """
+
+    def __init__(self, net: nn.Module, decode: bool):
+        super().__init__()
+        self.net, self.decode = net, decode
+
+    def forward(self, x: torch.Tensor, views: torch.Tensor | None = None):
+        b = x.shape[0]
+        if views is not None and views.shape[1] > 0:
+            v = views.shape[1]
+            z_all = self.net.encode(torch.cat([x, views.flatten(0, 1)]))
+            z, z_views = z_all[:b], z_all[b:].reshape(b, v, -1)
+        else:
+            z, z_views = self.net.encode(x), None
+        x_hat = self.net.decode(z) if self.decode else None
+        return z, z_views, x_hat
+
+
+class FeatureScoreNet(nn.Module):
+    """``image (B, 1, S, S) -> raw score (B,)``: a feature extractor followed by a scorer head (export).
+
+    Args:
+        features: module ``x -> (B, F)``.
+        head: module ``(B, F) -> (B,)`` (a scorer's :meth:`~salad_med.scoring.scorers.AnomalyScorer.to_module`).
+    """
+
+    def __init__(self, features: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class _Encode(nn.Module):
+    """``x -> model.encode(x)`` as a module (the export's feature extractor)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.encode(x)
+
+
+class AnomalyMethod:
+    """Base of every registered method (see the module docstring for the contract).
+
+    Args:
+        cfg: the resolved config (``cfg.params`` holds this method's validated ``Params`` as a dict).
+        num_train: number of training images (bank rows), 0 when only scoring.
+    """
+
+    #: registry name (``train.method``).
+    name: ClassVar[str] = ""
+    #: one line for tables and ``--help``.
+    title: ClassVar[str] = ""
+    #: the reference (authors, venue, link).
+    paper: ClassVar[str] = ""
+    #: keeps a memory bank of training embeddings.
+    has_bank: ClassVar[bool] = False
+    #: feeds augmented views to its loss (the dataset then draws ``train.augment_views`` per image).
+    uses_views: ClassVar[bool] = False
+    #: ``"native"`` (the method's own map), ``"reconstruction"`` (per-pixel error) or None (image-level).
+    map_kind: ClassVar[str | None] = None
+    #: whether a network is trained by gradient descent (False: features + a fitted scorer only).
+    trains_network: ClassVar[bool] = True
+    #: names of the loss components :meth:`training_loss` returns besides ``"total"``.
+    loss_keys: ClassVar[tuple[str, ...]] = ()
+    #: dotted config keys applied when the user's config leaves them unset.
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: dataclass of the method's own hyper-parameters (the config's ``params:`` section), or None.
+    Params: ClassVar[type | None] = None
+
+    def __init__(self, cfg: Config, num_train: int = 0) -> None:
+        self.cfg = cfg
+        self.num_train = int(num_train)
+        self.params = self.Params(**cfg.params) if self.Params is not None else None
+
+    # ------------------------------------------------------------------ description
+    @classmethod
+    def describe(cls) -> str:
+        """``name: title (paper)`` for help texts."""
+        return f"{cls.name}: {cls.title}" + (f" ({cls.paper})" if cls.paper else "")
+
+    @classmethod
+    def params_fields(cls) -> list[dataclasses.Field]:
+        """The ``Params`` dataclass fields (empty without ``Params``)."""
+        return list(dataclasses.fields(cls.Params)) if cls.Params is not None else []
+
+    # ------------------------------------------------------------------ network
+    def build_model(self) -> nn.Module:
+        """The network (weights from torch's global RNG: the trainer seeds before calling)."""
+        from salad_med.nets import build_network
+
+        return build_network(self.cfg.model, self.cfg.data.image_size)
+
+    def train_module(self, model: nn.Module) -> nn.Module:
+        """The module one training step calls (wrapped in DDP by the trainer)."""
+        return EncoderForward(model, decode=False)
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters given to the optimiser (frozen parts are left out)."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ training
+    def num_epochs(self) -> int:
+        """Epochs of the whole schedule (``train.pretrain_epochs`` + rounds x epochs by default)."""
+        if not self.trains_network:
+            return 0
+        t = self.cfg.train
+        return t.pretrain_epochs + t.rounds * t.epochs_per_round
+
+    def epoch_info(self, epoch: int) -> dict[str, Any]:
+        """Extra ``metrics.csv`` columns of 0-based ``epoch`` (default: ``phase``)."""
+        return {"phase": "train"}
+
+    def setup(self, trainer: Trainer) -> None:
+        """Create the training state (bank, centre...) on ``trainer.device``. Default: nothing."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first remaining epoch (after a resume too). Default: nothing."""
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """Before 0-based ``epoch``. Default: nothing."""
+
+    def training_loss(self, trainer: Trainer, batch: TrainBatch, outputs: Any) -> dict[str, torch.Tensor]:
+        """Loss components of one batch from the :meth:`train_module` outputs; ``"total"`` is minimised."""
+        msg = f"{type(self).__name__} trains a network but defines no training_loss"
+        raise NotImplementedError(msg)
+
+    def after_step(self, trainer: Trainer, batch: TrainBatch, outputs: Any) -> None:
+        """After the optimiser step, without gradient (bank updates). Default: nothing."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method training state for checkpoints (plain tensors/numbers). Default: empty."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str = "cpu") -> None:
+        """Restore :meth:`state_dict` output. Default: nothing."""
+
+    # ------------------------------------------------------------------ scoring
+    def make_scorer(self) -> AnomalyScorer:
+        """An unfitted scorer."""
+        msg = f"{type(self).__name__} defines no scorer"
+        raise NotImplementedError(msg)
+
+    def fit_scorer(self, trainer: Trainer) -> AnomalyScorer:
+        """A scorer fitted on the training data (default: on :meth:`features` of the normal train
+        images, known anomalies left out)."""
+        feats = trainer.train_features(self.features, normal_only=True)
+        return self.make_scorer().fit(feats)
+
+    @torch.no_grad()
+    def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What the scorer reads: (B, F) on ``x``'s device (default: the unit-norm embedding)."""
+        return model.encode(x).float()
+
+    @torch.no_grad()
+    def score(self, model: nn.Module, scorer: AnomalyScorer, x: torch.Tensor) -> torch.Tensor:
+        """Raw anomaly scores (B,) float64, higher = more abnormal (eval mode)."""
+        return scorer.score_samples_torch(self.features(model, x))
+
+    @torch.no_grad()
+    def anomaly_map(self, model: nn.Module, scorer: AnomalyScorer, x: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1, S, S) per-pixel anomaly map on the input grid, or None (image-level method)."""
+        return None
+
+    @torch.no_grad()
+    def ood_embedding(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The embedding the out-of-distribution guard compares with the training images (default:
+        ``model.encode``)."""
+        return model.encode(x).float()
+
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """Whether some parameters get no gradient in a step (DDP must then look for them)."""
+        return False
+
+    def feature_module(self, model: nn.Module) -> nn.Module:
+        """:meth:`features` as a module ``x -> (B, F)`` for export (default: the encoder)."""
+        return _Encode(model)
+
+    def export_module(self, model: nn.Module, scorer: AnomalyScorer) -> nn.Module:
+        """``image (B, 1, S, S) -> raw score (B,)`` as one module (TorchScript / ONNX).
+
+        Raises:
+            NotExportableError: the scorer has no torch form.
+        """
+        return FeatureScoreNet(self.feature_module(model), scorer.to_module())
