@@ -69,10 +69,16 @@ class _PixelMethod(AnomalyMethod):
 
 
 @dataclass
-class PixelKNNParams:
-    """``params`` of ``pixel_knn``."""
+class PixelParams:
+    """``params`` shared by the pixel detectors."""
 
     side: int = _field(32, min=4, max=512, help="pixel grid side (images are area-averaged to side x side)")
+
+
+@dataclass
+class PixelKNNParams(PixelParams):
+    """``params`` of ``pixel_knn``."""
+
     k: int = _field(5, min=1, max=10000, help="nearest training images averaged")
 
 
@@ -92,10 +98,9 @@ class PixelKNN(_PixelMethod):
 
 
 @dataclass
-class PixelPCAParams:
+class PixelPCAParams(PixelParams):
     """``params`` of ``pca``."""
 
-    side: int = _field(32, min=4, max=512, help="pixel grid side")
     n_components: float = _field(0.95, min=0.0, max=10000.0, exclusive_min=True,
                                  help="components kept: a variance fraction in (0, 1) or a count >= 1")
 
@@ -117,10 +122,9 @@ class PixelPCA(_PixelMethod):
 
 
 @dataclass
-class PixelIForestParams:
+class PixelIForestParams(PixelParams):
     """``params`` of ``iforest``."""
 
-    side: int = _field(32, min=4, max=512, help="pixel grid side")
     n_estimators: int = _field(200, min=1, max=100000, help="trees")
 
 
@@ -140,10 +144,9 @@ class PixelIsolationForest(_PixelMethod):
 
 
 @dataclass
-class PixelOCSVMParams:
+class PixelOCSVMParams(PixelParams):
     """``params`` of ``ocsvm``."""
 
-    side: int = _field(32, min=4, max=512, help="pixel grid side")
     nu: float = _field(0.1, min=0.0, max=1.0, exclusive_min=True, help="upper bound on training outliers")
 
 
