@@ -159,6 +159,13 @@ class ScoreConfig:
     mode: str = _field("paper", choices=("paper", "official"), help="weighted (paper) or mean arccos/pi")
     k: int = _field(100, min=1, max=100000, help="K nearest bank entries")
     backend: str = _field("auto", choices=("auto", "torch", "faiss"), help="kNN backend")
+    bank: str = _field("memory", choices=("memory", "refresh"),
+                       help="scoring bank of the bank methods: memory (paper: the momentum-averaged training-time "
+                            "embeddings) or refresh (eval-mode embeddings of the normal train images under the "
+                            "scored network)")
+    tta: str = _field("none", choices=("none", "flip", "shift", "flipshift"),
+                      help="test-time augmentation of the bank methods' query (and refreshed bank): unit mean "
+                           "embedding of flipped and/or S/32-shifted copies")
 
 
 @dataclass

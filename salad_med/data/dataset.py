@@ -48,6 +48,7 @@ from salad_med.log import get_logger, progress
 
 __all__ = [
     "SaladDataset",
+    "ImagesOnly",
     "ImageCache",
     "build_cache",
     "build_datasets",
@@ -575,6 +576,26 @@ class SaladDataset(Dataset):
         else:
             views = torch.zeros((0, 1, s, s), dtype=torch.float32)
         return {"image": img, "index": int(i), "label": int(self.labels[i]), "views": views}
+
+
+class ImagesOnly(Dataset):
+    """Items ``{"image", "index"}`` of some rows of a :class:`SaladDataset`, without augmented views (the
+    embedding passes over the train and val images draw no views).
+
+    Args:
+        dataset: the dataset.
+        rows: its rows to serve, in order.
+    """
+
+    def __init__(self, dataset: SaladDataset, rows: Sequence[int]) -> None:
+        self.dataset, self.rows = dataset, [int(r) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        return {"image": self.dataset.image(row), "index": row}
 
 
 def build_datasets(cfg: Config, manifest: pd.DataFrame, cache_dir: str | os.PathLike,

@@ -306,13 +306,13 @@ class Trainer:
             normal_only: leave out the known anomalies.
             limit: at most this many images (the first ones in dataset order).
         """
-        from torch.utils.data import Subset
+        from salad_med.data.dataset import ImagesOnly
 
         self.model.eval()
         rows = np.flatnonzero(~self.known_anomaly) if normal_only else np.arange(len(self.train_ds))
         if limit is not None:
             rows = rows[:limit]
-        loader = DataLoader(Subset(self.train_ds, rows.tolist()), batch_size=max(2 * self.cfg.train.batch_size, 32),
+        loader = DataLoader(ImagesOnly(self.train_ds, rows), batch_size=max(2 * self.cfg.train.batch_size, 32),
                             shuffle=False, num_workers=self.cfg.data.num_workers)
         return torch.cat([fn(self.model, b["image"].to(self.device)).float().cpu() for b in loader])
 

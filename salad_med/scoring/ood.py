@@ -119,7 +119,9 @@ class OODGuard:
     def fit_for(cls, trainer: Trainer) -> OODGuard:
         """The guard of a trainer's current model: reference = the method's embeddings of normal training
         images (the bank rows for bank methods), threshold from the val normals."""
-        from torch.utils.data import DataLoader, Subset
+        from torch.utils.data import DataLoader
+
+        from salad_med.data.dataset import ImagesOnly
 
         method, model = trainer.method, trainer.model
         model.eval()
@@ -128,7 +130,7 @@ class OODGuard:
         else:
             reference = trainer.train_features(method.ood_embedding, normal_only=True, limit=4096)
         normals = np.flatnonzero(np.asarray(trainer.val_ds.labels) == 0).tolist()
-        loader = DataLoader(Subset(trainer.val_ds, normals), batch_size=64, shuffle=False)
+        loader = DataLoader(ImagesOnly(trainer.val_ds, normals), batch_size=64, shuffle=False)
         val = [method.ood_embedding(model, b["image"].to(trainer.device)).float().cpu() for b in loader]
         rows = trainer.train_ds.rows
         parts = rows["body_part"].tolist() if "body_part" in rows.columns else []

@@ -169,9 +169,25 @@ class BankMethod(AnomalyMethod):
         return BankScorer(k=s.k, mode=s.mode, backend=s.backend)
 
     def fit_scorer(self, trainer: Trainer) -> BankScorer:
-        """Eq. 4 scorer on the bank rows of the normal training images (known anomalies dropped)."""
+        """Eq. 4 scorer on the normal training images (known anomalies dropped): their bank rows
+        (``score.bank=memory``, the paper) or their embeddings under the current network in eval mode
+        (``score.bank=refresh``, with the query's test-time augmentation)."""
+        if self.cfg.score.bank == "refresh":
+            return self.make_scorer().fit(trainer.train_features(self.features, normal_only=True))
         keep = torch.from_numpy(~trainer.known_anomaly)
         return self.make_scorer().fit(self.bank.features.detach().cpu()[keep])
+
+    @torch.no_grad()
+    def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The query embedding, averaged over ``score.tta`` copies."""
+        from salad_med.methods.components.tta import encode_tta
+
+        return encode_tta(model, x, self.cfg.score.tta)
+
+    def feature_module(self, model: nn.Module) -> nn.Module:
+        from salad_med.methods.components.tta import TTAEncode
+
+        return TTAEncode(model, self.cfg.score.tta)
 
     def normal_bank_rows(self, known_anomaly) -> int:
         """Rows the scorer will hold (for the ``score.k`` check before training)."""

@@ -261,3 +261,20 @@ def test_one_image_last_batch_is_dropped_not_fatal(split, cache, tmp_path):
     assert even.train_loader.drop_last == (len(train) % 2 == 1)
     group = Trainer(_cfg(f"train.batch_size={batch}", "model.norm=group"), train, val, tmp_path / "group")
     assert not group.train_loader.drop_last  # no BatchNorm: every image of every epoch is used
+
+
+def test_refreshed_bank_and_test_time_augmentation(split, cache, tmp_path):
+    """score.bank=refresh scores against eval-mode embeddings of the normal train images; score.tta averages
+    the query over flipped/shifted copies; the loaded run scores exactly like that."""
+    from salad_med.methods.components.tta import encode_tta
+
+    cfg = _cfg("score.bank=refresh", "score.tta=flipshift")
+    train, val = _datasets(cfg, split, cache)
+    Trainer(cfg, train, val, tmp_path / "run").fit()
+    run = load_run(tmp_path / "run")
+    normal = [train.image(i) for i in range(len(train)) if not train.known_anomaly[i]]
+    bank = encode_tta(run.model, torch.stack(normal), "flipshift")
+    torch.testing.assert_close(run.scorer.bank_, torch.nn.functional.normalize(bank, dim=1), atol=1e-5, rtol=0)
+    x = torch.stack([val.image(i) for i in range(4)])
+    expected = run.scorer.score_samples(encode_tta(run.model, x, "flipshift"))
+    assert run.raw_score_tensor(x).numpy() == pytest.approx(expected, rel=1e-6)

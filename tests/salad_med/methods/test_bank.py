@@ -122,3 +122,25 @@ def test_bad_arguments():
         MemoryBank(4, 2, backend="annoy")
     with pytest.raises(ValueError, match="num_entries"):
         MemoryBank(0, 2)
+
+
+def test_tta_views_and_encoding():
+    from salad_med.methods.components.tta import TTAEncode, encode_tta, tta_views
+
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert [len(tta_views(x, m)) for m in ("none", "flip", "shift", "flipshift")] == [1, 2, 5, 10]
+    flipped = tta_views(x, "flip")[1]
+    assert torch.equal(flipped[0, 0, 0], torch.tensor([3.0, 2.0, 1.0, 0.0]))
+    shifted = tta_views(x, "shift")[1]  # down by max(1, round(4 / 32)) = 1 pixel, zero-filled
+    assert torch.equal(shifted[0, 0, 0], torch.zeros(4)) and torch.equal(shifted[0, 0, 1], x[0, 0, 0])
+
+    class Mean(torch.nn.Module):  # embedding = (mean of left half, mean of right half), normalised
+        def encode(self, t):
+            return torch.nn.functional.normalize(torch.stack([t[..., :2].mean((1, 2, 3)),
+                                                              t[..., 2:].mean((1, 2, 3))], dim=1), dim=1)
+
+    z = encode_tta(Mean(), x, "flip")  # the flip swaps the halves: the mean is along (1, 1)
+    torch.testing.assert_close(z, torch.tensor([[R2, R2]]))
+    torch.testing.assert_close(TTAEncode(Mean(), "flip")(x), z)
+    with pytest.raises(ValueError, match="score.tta"):
+        tta_views(x, "rotate")
