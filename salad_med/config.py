@@ -71,6 +71,9 @@ class DataConfig:
     num_workers: int = _field(0, min=0, max=64, help="DataLoader worker processes")
     skip_missing: bool = _field(False, help="record and skip missing/unreadable manifest files")
     augment: bool = _field(True, help="random augmented views for the sample-specific loss")
+    augmentation: str = _field("default", choices=("default", "flip"),
+                               help="views: default (flip, rotation +-10 deg, scale +-10 %, intensity) or flip "
+                                    "(horizontal flip only, the official code)")
     allow_resize: bool = _field(False,
                                 help="resample preprocessed images whose size differs from data.image_size")
 
@@ -141,6 +144,10 @@ class TrainConfig:
     schedule: str = _field("paper", choices=("paper", "official"), help="neighbourhood schedule")
     official_neighbours: int = _field(10, min=1, max=1000, help="neighbours per anchor (official)")
     augment_views: int = _field(1, min=0, max=16, help="augmented views per image for AUG_i")
+    bank_update: str = _field("image", choices=("image", "view"),
+                              help="image: the network sees the image (and its views in L_ss), the bank row is "
+                                   "refreshed with the image's embedding; view: the first augmented view replaces "
+                                   "the image in the step (the official code trains on augmented images only)")
     view_loss: str = _field("query", choices=("query", "aug_set"),
                             help="query: each view is a query for its image's bank row; aug_set: views join "
                                  "the positive set of Eq. 1 (SampleSpecificLoss views)")
@@ -354,36 +361,83 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return data
 
 
+def _resolve_config_path(path: str | os.PathLike, relative_to: Path | None = None) -> Path:
+    """A config file: the path itself, else (for a bare name) ``configs/<name>.yaml`` or ``<name>.yaml``
+    next to the including file."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for folder in ([relative_to] if relative_to else []) + [CONFIG_DIR]:
+        for candidate in (folder / p, folder / f"{p}.yaml"):
+            if candidate.exists():
+                return candidate
+    return p
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
+
+
+def _read_config_file(path: str | os.PathLike, relative_to: Path | None = None,
+                      chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+    """The YAML mapping of a config file with its ``base:`` files merged underneath (deep merge, the
+    including file wins); returns ``(data, source name)``."""
+    p = _resolve_config_path(path, relative_to)
+    source = str(p)
+    if source in chain:
+        msg = f"{source}: config 'base' chain loops ({' -> '.join([*chain, source])})"
+        raise ConfigError(msg)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        msg = f"{source}: cannot read config ({err.strerror or err})"
+        raise ConfigError(msg) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        msg = f"{source}: invalid YAML: {err}"
+        raise ConfigError(msg) from None
+    if not isinstance(data, dict):
+        msg = f"{source}: top level must be a mapping"
+        raise ConfigError(msg)
+    bases = data.pop("base", None)
+    if bases is None:
+        return data, source
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        msg = f"{source}: base: expected a config name or a list of them, got {bases!r}"
+        raise ConfigError(msg)
+    merged: dict[str, Any] = {}
+    for name in bases:
+        part, _ = _read_config_file(name, p.parent, (*chain, source))
+        merged = _deep_merge(merged, part)
+    return _deep_merge(merged, data), source
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (``None`` = built-in defaults), apply ``--set`` overrides and validate.
+
+    A config may start from others: ``base: nih`` (or a list, merged in order) loads those files first
+    and deep-merges this one on top, so presets such as ``configs/official.yaml`` can be combined with a
+    data set's config (``base: [nih, official]``).
 
     Args:
         path: YAML file; a bare name such as ``"demo"`` resolves to ``configs/demo.yaml``.
         overrides: ``["train.lr=1e-3", "model.arch=conv6"]``.
 
     Raises:
-        ConfigError: unreadable file, invalid YAML, unknown key, wrong type or out-of-range value.
+        ConfigError: unreadable file, invalid YAML, a ``base`` loop, unknown key, wrong type or
+            out-of-range value.
     """
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
-        p = Path(path)
-        if not p.exists() and not p.suffix and (CONFIG_DIR / f"{p}.yaml").exists():
-            p = CONFIG_DIR / f"{p}.yaml"
-        source = str(p)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as err:
-            msg = f"{source}: cannot read config ({err.strerror or err})"
-            raise ConfigError(msg) from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            msg = f"{source}: invalid YAML: {err}"
-            raise ConfigError(msg) from None
-        if not isinstance(data, dict):
-            msg = f"{source}: top level must be a mapping"
-            raise ConfigError(msg)
+        data, source = _read_config_file(path)
     # validate the file alone first so that its errors name the file, then with overrides
     config_from_dict(_method_defaults(copy.deepcopy(data)), source)
     if overrides:

@@ -482,14 +482,23 @@ def build_cache(rows: pd.DataFrame, cfg: Config, cache_dir: str | os.PathLike, *
 # ------------------------------------------------------------------------------------------------
 # dataset
 # ------------------------------------------------------------------------------------------------
-def default_augmentation():
+def default_augmentation(kind: str = "default"):
     """MONAI random transforms making the augmented views AUG_i of Eq. 1 on a (1, S, S) image.
 
-    Horizontal flip (p = 0.5), rotation up to +-10 degrees and scale +-10 % (p = 0.8), intensity
-    scale +-10 % and shift +-0.05 (p = 0.8), then clipped to [0, 1].
+    ``default``: horizontal flip (p = 0.5), rotation up to +-10 degrees and scale +-10 % (p = 0.8),
+    intensity scale +-10 % and shift +-0.05 (p = 0.8), then clipped to [0, 1]. ``flip``: the horizontal
+    flip alone (the official code's augmentation).
+
+    Raises:
+        ValueError: unknown ``kind``.
     """
     from monai.transforms import Compose, RandAffine, RandFlip, RandScaleIntensity, RandShiftIntensity
 
+    if kind == "flip":
+        return Compose([RandFlip(prob=0.5, spatial_axis=1)])
+    if kind != "default":
+        msg = f"data.augmentation {kind!r} is not one of ['default', 'flip']"
+        raise ValueError(msg)
     return Compose([
         RandFlip(prob=0.5, spatial_axis=1),
         RandAffine(prob=0.8, rotate_range=(np.pi / 18,), scale_range=(0.1, 0.1), padding_mode="zeros",
@@ -519,13 +528,14 @@ class SaladDataset(Dataset):
         split: ``"train"``, ``"val"`` or ``"test"``.
         views: number V of augmented views per item (0 = none).
         seed: base seed of the augmentation draws.
+        augmentation: ``"default"`` or ``"flip"`` (:func:`default_augmentation`).
 
     Item ``i`` is ``{"image": (1,S,S) float32, "index": i, "label": int, "views": (V,1,S,S)}``;
     ``index`` is the memory-bank row of the image.
     """
 
     def __init__(self, rows: pd.DataFrame, cache: ImageCache, cache_rows: Sequence[int], split: str,
-                 views: int = 0, seed: int = 0):
+                 views: int = 0, seed: int = 0, augmentation: str = "default"):
         self.rows = rows.reset_index(drop=True)
         self.cache = cache
         self.cache_rows = np.asarray(cache_rows, dtype=np.int64)
@@ -535,7 +545,7 @@ class SaladDataset(Dataset):
         self.epoch = 0
         self.labels = self.rows["label"].astype(int).to_numpy() if "label" in self.rows else \
             np.full(len(self.rows), -1)
-        self._augment = default_augmentation() if self.views > 0 else None
+        self._augment = default_augmentation(augmentation) if self.views > 0 else None
 
     @property
     def image_size(self) -> int:
@@ -640,7 +650,8 @@ def build_datasets(cfg: Config, manifest: pd.DataFrame, cache_dir: str | os.Path
             msg = f"no readable image in the '{split}' split"
             raise DataError(msg)
         views = cfg.train.augment_views if (split == "train" and augment_train) else 0
-        out[split] = SaladDataset(rows.iloc[keep], cache, keep, split, views=views, seed=cfg.seed)
+        out[split] = SaladDataset(rows.iloc[keep], cache, keep, split, views=views, seed=cfg.seed,
+                                  augmentation=cfg.data.augmentation)
     if skipped_csv is not None and all_skipped:
         with atomic_path(skipped_csv) as tmp:
             pd.concat(all_skipped, ignore_index=True).to_csv(tmp, index=False)

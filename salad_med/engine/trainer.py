@@ -424,7 +424,7 @@ class Trainer:
         """
         from salad_med.engine.distributed import all_reduce_mean
 
-        b = self._prepare_batch(batch)
+        b = self.method.prepare_batch(self._prepare_batch(batch))
         self.forward_module.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():

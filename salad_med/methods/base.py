@@ -190,6 +190,10 @@ class AnomalyMethod:
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         """Before 0-based ``epoch``. Default: nothing."""
 
+    def prepare_batch(self, batch: TrainBatch) -> TrainBatch:
+        """The batch a training step runs on (default: unchanged)."""
+        return batch
+
     def training_loss(self, trainer: Trainer, batch: TrainBatch, outputs: Any) -> dict[str, torch.Tensor]:
         """Loss components of one batch from the :meth:`train_module` outputs; ``"total"`` is minimised."""
         msg = f"{type(self).__name__} trains a network but defines no training_loss"

@@ -103,3 +103,32 @@ def test_save_round_trip(tmp_path: Path):
     assert load_config(out) == cfg
     assert config_to_dict(load_config(out))["train"]["lr"] == 0.01
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_base_configs_merge_and_loops_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  lr: 0.002\n  tau: 0.2\nmodel:\n  arch: conv6\n")
+    (tmp_path / "b.yaml").write_text("base: a\ntrain:\n  tau: 0.3\n")
+    (tmp_path / "c.yaml").write_text("base: [b, official]\ntrain:\n  lam: 1.5\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    # a < b < official < c: nested keys merge, the including file wins
+    assert (cfg.train.lr, cfg.train.tau, cfg.train.lam, cfg.model.arch) == (0.002, 0.3, 1.5, "conv6")
+    assert (cfg.train.schedule, cfg.train.bank_update, cfg.score.mode) == ("official", "view", "official")
+    (tmp_path / "loop.yaml").write_text("base: loop2\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop\n")
+    with pytest.raises(ConfigError, match="base' chain loops"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "bad.yaml").write_text("base: 3\n")
+    with pytest.raises(ConfigError, match="bad.yaml: base: expected a config name"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_official_preset_is_the_official_recipe():
+    cfg = load_config("official")
+    t = cfg.train
+    assert (t.beta1, t.weight_decay, t.batch_size, t.rec_loss, t.schedule) == (0.9, 1e-6, 32, "l1", "official")
+    assert (t.bank_update, cfg.data.augmentation, cfg.score.mode) == ("view", "flip", "official")
+
+
+def test_zero_learning_rate_is_refused():
+    with pytest.raises(ConfigError, match=r"train.lr: 0.0 must be above 0.0"):
+        load_config(None, ["train.lr=0"])

@@ -132,6 +132,13 @@ class BankMethod(AnomalyMethod):
             trainer.log.info("round %d/%d: neighbourhood size k=%d, %d prototypical samples", rnd, t.rounds,
                              self.neigh.k, int(self.neigh.prototypical.sum()))
 
+    def prepare_batch(self, batch: TrainBatch) -> TrainBatch:
+        """``train.bank_update=view``: the first augmented view is the step's image (the official code
+        trains on augmented images and writes their embeddings to the bank); otherwise unchanged."""
+        if self.cfg.train.bank_update == "view" and batch.views is not None and batch.views.shape[1] > 0:
+            return TrainBatch(batch.views[:, 0].contiguous(), batch.index, None)
+        return batch
+
     def training_loss(self, trainer: Trainer, batch: TrainBatch, outputs: Any) -> dict[str, torch.Tensor]:
         z, z_views, x_hat = outputs
         z = z.float()  # losses in float32 (logits over the bank / tau overflow in half precision)

@@ -278,3 +278,27 @@ def test_refreshed_bank_and_test_time_augmentation(split, cache, tmp_path):
     x = torch.stack([val.image(i) for i in range(4)])
     expected = run.scorer.score_samples(encode_tta(run.model, x, "flipshift"))
     assert run.raw_score_tensor(x).numpy() == pytest.approx(expected, rel=1e-6)
+
+
+def test_view_bank_update_trains_on_the_augmented_image(split, cache, tmp_path):
+    """train.bank_update=view (official code): the step's image is the first augmented view; the bank row
+    gets that view's embedding, not the plain image's."""
+    cfg = _cfg("train.bank_update=view", "data.augmentation=flip", "train.augment_views=1",
+               "train.bank_momentum=1.0", "train.lr=1e-9")
+    train, val = _datasets(cfg, split, cache)
+    trainer = Trainer(cfg, train, val, tmp_path / "run")
+    train.set_epoch(0)
+    trainer.sampler.set_epoch(0)
+    batch = next(iter(trainer.train_loader))
+    view = batch["views"][:, 0]
+    trainer.train_step(batch)  # momentum 1: the rows become the (normalised) step embeddings
+    trainer.model.train()
+    with torch.no_grad():
+        expected = trainer.model.encode(view)  # lr 1e-9: weights practically unchanged
+    rows = trainer.method.bank.features[batch["index"]]
+    torch.testing.assert_close(rows, expected, atol=1e-4, rtol=0)
+    flips = [not torch.equal(view[i], batch["image"][i]) for i in range(len(view))]
+    assert any(flips)  # flip-only augmentation: some views are mirrored ...
+    for i, flipped in enumerate(flips):  # ... and each view is the image or its mirror image
+        ref = torch.flip(batch["image"][i], dims=(-1,)) if flipped else batch["image"][i]
+        assert torch.equal(view[i], ref)
