@@ -302,6 +302,7 @@ def _meta_row(meta: dict[str, Any]) -> dict[str, Any]:
     }
     if str(meta.get("source_format", "")) == "dicom":
         row.update({k: str(meta.get(k, "")) for k in _UID_COLUMNS})
+        row["voi"] = str(meta.get("voi", ""))  # VOI LUT | window | none, with the fallback taken, if any
     return row
 
 

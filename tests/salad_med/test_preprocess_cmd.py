@@ -202,6 +202,22 @@ def test_dicom_tree_uids_and_strays(tmp_path):
     assert "truncated" in reasons[str(root / "trunc.dcm")]
 
 
+def test_broken_voi_lut_recorded_in_the_manifest(tmp_path):
+    """A DICOM whose VOI LUT cannot be applied is preprocessed with its window; the manifest says so."""
+    from tests.preprocessing.test_readers import _phantom_dicom, _with_voi_lut
+
+    root = tmp_path / "dicom"
+    good, _ = _phantom_dicom(root / "good.dcm", monochrome1=False, window=True, seed=4)
+    src, _ = _phantom_dicom(tmp_path / "src.dcm", monochrome1=False, window=True, seed=5)
+    _with_voi_lut(src, root / "broken.dcm", [4096, 0, 12], 100, window=True)
+    out = tmp_path / "out"
+    result = _invoke("--dataset", "dicom", "--input", root, "--output", out, "--size", SIZE)
+    assert result.exit_code == 0 and "2 ok" in result.stdout, result.output
+    m = pd.read_csv(out / "manifest.csv", keep_default_na=False).set_index("image_id")
+    assert m.loc["good", "voi"] == "window"
+    assert m.loc["broken", "voi"].startswith("window (VOI LUT Sequence unusable: LUT Data does not match")
+
+
 def test_mura_tree_keeps_official_split(tmp_path):
     truth = write_mura_tree(tmp_path / "mura", n_patients=3, seed=2, size=(96, 80))
     result = _invoke("--dataset", "mura", "--input", tmp_path / "mura", "--output", tmp_path / "out", "--size", 32)
