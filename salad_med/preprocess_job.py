@@ -21,7 +21,8 @@ the resolved config is saved as ``DIR/config.yaml``.
 * **Shards** (``shard=(i, n)``, ``1 <= i <= n``): a deterministic 1/n of the inputs, chosen by a
   stable hash of the source path relative to the input root; outputs ``manifest.shard-i-of-n.csv``
   and ``failures.shard-i-of-n.csv`` (joined by ``salad-med manifest merge``).
-* **Preview**: a contact sheet ``DIR/preview.png`` (original | mask | output) of N images.
+* **Preview**: a contact sheet ``DIR/preview.png`` of N images, each cell captioned with its
+  ``image_id`` and label above original | mask | output, wrapped into a grid (index: ``DIR/preview.csv``).
 
 Example:
     >>> summary = run_preprocess("folder", "../shared/data/msk_sample", "out", workers=2)
@@ -34,6 +35,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -547,8 +549,36 @@ def _tile(arr: np.ndarray, tile: int, top: float | None = None) -> np.ndarray:
     return out
 
 
-def write_preview(manifest: pd.DataFrame, path: str | os.PathLike, n: int, tile: int = 256) -> Path | None:
-    """Contact sheet PNG: one row per image, ``original | mask | output`` (``n`` images, evenly spread).
+_LABEL_NAMES = {0: "normal", 1: "abnormal", -1: "unknown"}
+#: Preview caption: PIL's default font, white (255) at (2, 2) on a strip of this height, grey 40.
+PREVIEW_CAPTION = 16
+_SHEET_GAP = 4
+
+
+def _label_name(value: Any) -> str:
+    try:
+        return _LABEL_NAMES.get(int(value), str(value))
+    except (TypeError, ValueError):
+        return str(value) or "unknown"
+
+
+def preview_caption(text: str, width: int) -> np.ndarray:
+    """The caption strip of a preview tile: ``(PREVIEW_CAPTION, width)`` uint8, ``text`` at (2, 2)."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("L", (width, PREVIEW_CAPTION), 40)
+    ImageDraw.Draw(strip).text((2, 2), text, fill=255)
+    return np.asarray(strip)
+
+
+def write_preview(manifest: pd.DataFrame, path: str | os.PathLike, n: int, tile: int = 256,
+                  columns: int | None = None) -> Path | None:
+    """Contact sheet PNG of ``n`` images (evenly spread), wrapped into a grid, and its index CSV.
+
+    Each cell is a caption ``"<image_id>  <label>"`` (label: normal, abnormal or unknown) above
+    ``original | mask | output`` (``tile`` pixels each); cells fill rows of ``columns`` (default
+    ``round(sqrt(n / 3))``, so the sheet is about square). ``path`` with suffix ``.csv``
+    (``preview.csv``) lists ``image_id, label, row, column, x, y, width, height`` of every cell.
 
     Returns:
         The path, or ``None`` when no image has an output.
@@ -561,8 +591,13 @@ def write_preview(manifest: pd.DataFrame, path: str | os.PathLike, n: int, tile:
     if n <= 0 or done.empty:
         return None
     picks = np.unique(np.linspace(0, len(done) - 1, min(n, len(done))).round().astype(int))
-    rows = []
-    for i in picks:
+    cols = max(1, min(len(picks), columns or round(math.sqrt(len(picks) / 3.0)) or 1))
+    gap = _SHEET_GAP
+    cell_w, cell_h = 3 * tile + 2 * gap, PREVIEW_CAPTION + tile
+    n_rows = math.ceil(len(picks) / cols)
+    sheet = np.full((n_rows * cell_h + (n_rows - 1) * gap, cols * cell_w + (cols - 1) * gap), 128, dtype=np.uint8)
+    index = []
+    for k, i in enumerate(picks):
         r = done.iloc[int(i)]
         try:
             original = read_radiograph(r["source_path"])[0]
@@ -571,13 +606,20 @@ def write_preview(manifest: pd.DataFrame, path: str | os.PathLike, n: int, tile:
         mask = np.asarray(Image.open(r["mask_path"]))
         output = np.asarray(Image.open(r["output_path"]))
         top = 255.0 if output.dtype == np.uint8 else 65535.0
-        gap = np.full((tile, 4), 128, dtype=np.uint8)
-        rows.append(np.concatenate([_tile(original, tile), gap, _tile(mask, tile, 255.0), gap,
-                                    _tile(output, tile, top)], axis=1))
-        rows.append(np.full((4, rows[-1].shape[1]), 128, dtype=np.uint8))
-    sheet = np.concatenate(rows[:-1], axis=0)
+        vgap = np.full((tile, gap), 128, dtype=np.uint8)
+        body = np.concatenate([_tile(original, tile), vgap, _tile(mask, tile, 255.0), vgap,
+                               _tile(output, tile, top)], axis=1)
+        label = _label_name(r.get("label", -1))
+        cell = np.concatenate([preview_caption(f"{r['image_id']}  {label}", cell_w), body], axis=0)
+        row, col = divmod(k, cols)
+        y, x = row * (cell_h + gap), col * (cell_w + gap)
+        sheet[y:y + cell_h, x:x + cell_w] = cell
+        index.append({"image_id": r["image_id"], "label": label, "row": row, "column": col, "x": x, "y": y,
+                      "width": cell_w, "height": cell_h})
     with atomic_path(path) as tmp:
         Image.fromarray(sheet).save(tmp, format="PNG")
+    with atomic_path(Path(path).with_suffix(".csv")) as tmp:
+        pd.DataFrame(index).to_csv(tmp, index=False, lineterminator="\n")
     return Path(path)
 
 
