@@ -34,6 +34,7 @@ See Also:
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -243,16 +244,54 @@ def _modality(arr: np.ndarray, ds: Any, modality_applied: bool) -> np.ndarray:
     return arr
 
 
-def _voi(arr: np.ndarray, ds: Any, index: int, lo: float, hi: float) -> tuple[np.ndarray, str, float, float]:
-    """VOI LUT Sequence, else window ``index`` (PS3.3 C.11.2); returns (array, kind, range lo, hi)."""
-    from pydicom.pixels import apply_voi, apply_windowing
+def _voi_lut(arr: np.ndarray, ds: Any, index: int) -> tuple[np.ndarray, float]:
+    """Apply VOI LUT ``index`` of (0028,3010); returns the values and the top of the LUT's output range.
 
-    if ds.get("VOILUTSequence"):
+    Raises:
+        ValueError: the LUT is unusable (descriptor, data or shape), with the original error in words.
+    """
+    from pydicom.pixels import apply_voi
+
+    try:
+        item = ds.VOILUTSequence[min(index, len(ds.VOILUTSequence) - 1)]
+        entries, _, bits = (int(v) for v in item.LUTDescriptor)
+        if not 1 <= bits <= 16:
+            msg = f"LUT Descriptor bits {bits} outside 1..16"
+            raise ValueError(msg)
         ints = arr if np.issubdtype(arr.dtype, np.integer) else np.rint(arr).astype(np.int64)
-        bits = int(ds.VOILUTSequence[min(index, len(ds.VOILUTSequence) - 1)].LUTDescriptor[2])
-        return apply_voi(ints, ds, index=index), "voi_lut", 0.0, 2.0**bits - 1
+        out = np.asarray(apply_voi(ints, ds, index=index))
+        if out.shape != arr.shape:
+            msg = f"LUT output shape {out.shape} != image {arr.shape}"
+            raise ValueError(msg)
+    except Exception as err:  # noqa: BLE001 - pydicom raises IndexError, struct.error, ... on broken LUTs
+        detail = " ".join(str(err).split())[:120] or "no message"
+        if isinstance(err, struct.error):
+            msg = f"LUT Data does not match its LUT Descriptor ({detail})"
+        else:
+            msg = f"{type(err).__name__}: {detail}"
+        raise ValueError(msg) from None
+    return out, 2.0**bits - 1
+
+
+def _voi(arr: np.ndarray, ds: Any, index: int, lo: float, hi: float) -> tuple[np.ndarray, str, float, float]:
+    """VOI LUT Sequence, else window ``index`` (PS3.3 C.11.2); returns (array, kind, range lo, hi).
+
+    A VOI LUT Sequence that cannot be applied (wrong descriptor, too little LUT data) falls back to the
+    window, then to the full range; the kind says so: ``"window (VOI LUT Sequence unusable: ...)"`` or
+    ``"none (VOI LUT Sequence unusable: ...; no window, full range)"``.
+    """
+    from pydicom.pixels import apply_windowing
+
+    note = ""
+    if ds.get("VOILUTSequence"):
+        try:
+            out, top = _voi_lut(arr, ds, index)
+            return out, "voi_lut", 0.0, top
+        except ValueError as err:
+            note = f"VOI LUT Sequence unusable: {err}"
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
-        return arr, "none", lo, hi
+        return arr, (f"none ({note}; no window, full range)" if note else "none"), lo, hi
+    kind = f"window ({note})" if note else "window"
     center = _first(ds.WindowCenter, index)
     width = _first(ds.WindowWidth, index)
     func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
@@ -265,12 +304,12 @@ def _voi(arr: np.ndarray, ds: Any, index: int, lo: float, hi: float) -> tuple[np
         out *= np.float32((hi - lo) / width)
         np.clip(out, 0.0, np.float32(hi - lo), out=out)
         out += np.float32(lo)
-        return out, "window", lo, hi
+        return out, kind, lo, hi
     if func == "SIGMOID" and width > 0:
         sub = ds.copy()
         sub.WindowCenter, sub.WindowWidth = center, width
-        return apply_windowing(arr, sub), "window", lo, hi
-    return arr, "none", lo, hi
+        return apply_windowing(arr, sub), kind, lo, hi
+    return arr, (f"none ({note}; window unusable, full range)" if note else "none"), lo, hi
 
 
 def dicom_display(arr: np.ndarray, ds: Any, apply_voi: bool = True, voi_index: int = 0,
@@ -288,7 +327,8 @@ def dicom_display(arr: np.ndarray, ds: Any, apply_voi: bool = True, voi_index: i
         modality_applied: ``arr`` already went through Rescale Slope/Intercept (SimpleITK does that).
 
     Returns:
-        ``(H, W)`` float32 with bone bright, and ``{"voi": "voi_lut"|"window"|"none"|...,
+        ``(H, W)`` float32 with bone bright, and ``{"voi": "voi_lut"|"window"|"none"|... (a note in
+        brackets when a VOI LUT Sequence was unusable and the window or the full range was used instead),
         "monochrome1_inverted": bool, "display_range": (lo, hi)}``.
     """
     values = _modality(arr, ds, modality_applied)
@@ -297,7 +337,7 @@ def dicom_display(arr: np.ndarray, ds: Any, apply_voi: bool = True, voi_index: i
     out = values
     if apply_voi:
         out, voi, vlo, vhi = _voi(values, ds, voi_index, lo, hi)
-        if voi != "none" and _saturated(np.asarray(out), vlo, vhi):
+        if not voi.startswith("none") and _saturated(np.asarray(out), vlo, vhi):
             out, voi = values, f"none ({voi} saturates the image)"
         else:
             lo, hi = vlo, vhi

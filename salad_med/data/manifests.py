@@ -165,9 +165,10 @@ def validate_manifest(df: pd.DataFrame, *, check_files: bool = True, source: str
                                  "labels not in {-1, 0, 1}"))
     else:
         df["label"] = labels.astype("int64")
-    dup = df["image_id"][df["image_id"].duplicated(keep=False)]
-    if len(dup):
-        problems.append(format_listing(sorted(set(dup)), "duplicate image_id"))
+    dup = df["image_id"].duplicated(keep=False)
+    if dup.any():  # name every file of each clash: x.png + x.jpg give one image_id "x"
+        files = df.loc[dup].groupby("image_id", sort=True)["source_path"].agg(lambda p: ", ".join(sorted(p)))
+        problems.append(format_listing([f"{i} (files {f})" for i, f in files.items()], "duplicate image_id"))
     if "split" in df.columns:
         bad_split = sorted(set(df["split"]) - {"train", "val", "test"})
         if bad_split:

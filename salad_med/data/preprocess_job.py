@@ -7,14 +7,22 @@ Then ``DIR/manifest.csv`` (one row per input, ``status`` ok | skipped | failed) 
 ``DIR/failures.csv`` (``source_path, reason``) are rewritten atomically, sorted by ``image_id``, and
 the resolved config is saved as ``DIR/config.yaml``.
 
-* **Resume**: inputs whose outputs exist and that the previous manifest lists as done are not redone
-  (``status = skipped``) unless ``force``; a change of preprocessing settings redoes everything.
+* **Journal and resume**: every finished input appends one JSON line to ``DIR/journal.jsonl``
+  (``journal.shard-i-of-n.jsonl`` for shards), flushed and fsync'ed, written only after both output
+  files are atomically in place: paths relative to ``DIR``, their byte sizes and SHA-256, the
+  manifest columns and a hash of the preprocessing settings. A rerun (after a crash, ``kill -9`` or
+  a stop at any point of a 40,000-image or sharded run) reads every journal of ``DIR`` and skips the
+  inputs whose journalled outputs exist with the same size and SHA-256 under the same settings
+  (``status = skipped``); a torn last line, a missing, truncated or altered output, or other settings
+  make the input be redone. A previous complete manifest is trusted too (its files must exist).
+  ``force`` starts a new journal and redoes everything; a change of settings does the same.
 * **Bad inputs** never stop the batch: each becomes one ``failures.csv`` row with a reason a person
   understands (``ReadError`` reasons from :mod:`preprocessing.readers`, "no body part found", ...).
 * **Shards** (``shard=(i, n)``, ``1 <= i <= n``): a deterministic 1/n of the inputs, chosen by a
   stable hash of the source path relative to the input root; outputs ``manifest.shard-i-of-n.csv``
   and ``failures.shard-i-of-n.csv`` (joined by ``salad-med manifest merge``).
-* **Preview**: a contact sheet ``DIR/preview.png`` (original | mask | output) of N images.
+* **Preview**: a contact sheet ``DIR/preview.png`` of N images, each cell captioned with its
+  ``image_id`` and label above original | mask | output, wrapped into a grid (index: ``DIR/preview.csv``).
 
 Example:
     >>> summary = run_preprocess("folder", "../shared/data/msk_sample", "out", workers=2)
@@ -25,6 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
+import json
+import math
 import multiprocessing
 import os
 import sys
@@ -37,7 +48,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from preprocessing.atomic import atomic_path
+from preprocessing.atomic import atomic_path, atomic_write_bytes
 from preprocessing.errors import ReadError
 from preprocessing.pipelines import root_cause
 from salad_med.config import Config, config_to_dict, save_config
@@ -54,6 +65,9 @@ __all__ = [
     "write_png",
     "to_png_array",
     "write_preview",
+    "Journal",
+    "read_journals",
+    "journal_file_name",
 ]
 
 log = get_logger("preprocess")
@@ -230,17 +244,33 @@ def _safe_rel(image_id: str) -> str:
 _WORKER: dict[str, Any] = {}
 
 
-def write_png(array: np.ndarray, path: str | os.PathLike, compress_level: int = _PNG_COMPRESS_LEVEL) -> Path:
-    """Write a ``(H, W)`` uint8 or uint16 array as a grey PNG, atomically (temp file + rename)."""
+def encode_png(array: np.ndarray, compress_level: int = _PNG_COMPRESS_LEVEL, name: str = "array") -> bytes:
+    """The PNG bytes of a ``(H, W)`` uint8 or uint16 array (grey).
+
+    Raises:
+        ValueError: not a 2-D uint8/uint16 array (the message starts with ``name``).
+    """
     from PIL import Image
 
     arr = np.ascontiguousarray(array)
     if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):
-        msg = f"write_png {path}: need a 2-D uint8/uint16 array, got {arr.dtype} {arr.shape}"
+        msg = f"write_png {name}: need a 2-D uint8/uint16 array, got {arr.dtype} {arr.shape}"
         raise ValueError(msg)
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG", compress_level=compress_level)
-    return Path(path)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def write_png(array: np.ndarray, path: str | os.PathLike, compress_level: int = _PNG_COMPRESS_LEVEL) -> Path:
+    """Write a ``(H, W)`` uint8 or uint16 array as a grey PNG, atomically (temp file + rename)."""
+    return atomic_write_bytes(path, encode_png(array, compress_level, name=str(path)))
+
+
+def _write_output(array: np.ndarray, path: str) -> tuple[int, str]:
+    """Write a PNG atomically; return its byte size and SHA-256 (what the journal records)."""
+    data = encode_png(array, name=path)
+    atomic_write_bytes(path, data)
+    return len(data), hashlib.sha256(data).hexdigest()
 
 
 def to_png_array(image: Any, bit_depth: int) -> np.ndarray:
@@ -274,6 +304,7 @@ def _meta_row(meta: dict[str, Any]) -> dict[str, Any]:
     }
     if str(meta.get("source_format", "")) == "dicom":
         row.update({k: str(meta.get(k, "")) for k in _UID_COLUMNS})
+        row["voi"] = str(meta.get("voi", ""))  # VOI LUT | window | none, with the fallback taken, if any
     return row
 
 
@@ -294,9 +325,11 @@ def _work(task: tuple[str, str, str, str]) -> dict[str, Any]:
             raise ReadError(source, reason)
         if not row["mask_fraction"] > 0:
             raise ReadError(source, "no body part found (blank image or segmentation found nothing)")
-        write_png(to_png_array(image, _WORKER["bit_depth"]), out_img)
-        write_png(to_png_array(mask, 8), out_mask)
+        img_size, img_sha = _write_output(to_png_array(image, _WORKER["bit_depth"]), out_img)
+        mask_size, mask_sha = _write_output(to_png_array(mask, 8), out_mask)
         row.update(output_path=out_img, mask_path=out_mask, status="ok", reason="")
+        row["_files"] = {"output_size": img_size, "output_sha256": img_sha,
+                         "mask_size": mask_size, "mask_sha256": mask_sha}
     except ReadError as err:
         row.update(status="failed", reason=err.reason, output_path="", mask_path="")
     except ValueError as err:  # transforms state bad content in words ("no body part found: ...")
@@ -339,7 +372,127 @@ def _run_tasks(tasks: list[tuple[str, str, str, str]], workers: int, init_args: 
         yield from pool.imap_unordered(_work, tasks, chunksize=chunk)
 
 
+# ---------------------------------------------------------------------------------------- journal
+_JOURNAL_VERSION = 1
+
+
+def journal_file_name(shard: tuple[int, int] | None = None) -> str:
+    """``journal.jsonl``, or ``journal.shard-i-of-n.jsonl`` for shard ``(i, n)``."""
+    return "journal.jsonl" if shard is None else f"journal.shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Journal:
+    """Append-only record of finished inputs: one JSON line each, flushed and fsync'ed before returning.
+
+    The journal is the resume point of :func:`run_preprocess`: a line is written only after both
+    output files were renamed into place, and names them relative to the output folder with their
+    byte size and SHA-256, so a rerun trusts an output only when the very bytes that were journalled
+    are on disk (a half-written or altered file is redone). A torn last line (the process killed while
+    writing it) is ignored when read and closed with a newline before the next append.
+
+    Args:
+        path: the journal file (created with its folder; appended to when it exists).
+        fresh: start an empty journal (atomically replacing an old one), e.g. for ``--force``.
+    """
+
+    def __init__(self, path: str | os.PathLike, fresh: bool = False) -> None:
+        self.path = Path(path)
+        if fresh or not self.path.exists():
+            atomic_write_bytes(self.path, b"")
+        elif self.path.stat().st_size:
+            with open(self.path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                torn = fh.read(1) != b"\n"
+            if torn:  # a line cut by a kill: end it so the next record starts on its own line
+                with open(self.path, "ab") as fh:
+                    fh.write(b"\n")
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record as a JSON line and make it durable (flush + fsync)."""
+        self._fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _journal_record(row: dict[str, Any], source_path: str, out_dir: Path, settings_hash: str) -> dict[str, Any]:
+    files = row["_files"]
+    keep = {k: v for k, v in row.items() if not k.startswith("_") and k not in ("output_path", "mask_path")}
+    return {
+        "v": _JOURNAL_VERSION, "image_id": row["image_id"], "source_path": source_path, "settings": settings_hash,
+        "output": Path(row["output_path"]).relative_to(out_dir).as_posix(), "output_size": files["output_size"],
+        "output_sha256": files["output_sha256"], "mask": Path(row["mask_path"]).relative_to(out_dir).as_posix(),
+        "mask_size": files["mask_size"], "mask_sha256": files["mask_sha256"], "row": keep,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _journal_lines(path: Path) -> Iterator[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        log.warning("%s: unreadable journal (%s); its inputs are redone", path, err.strerror or err)
+        return
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a torn line (killed while writing) or garbage: not trusted
+            continue
+        if isinstance(rec, dict) and rec.get("v") == _JOURNAL_VERSION and "image_id" in rec:
+            yield rec
+
+
+def _verified(rec: dict[str, Any], out_dir: Path) -> bool:
+    """Both journalled files exist under ``out_dir`` with the journalled size and SHA-256."""
+    try:
+        for key in ("output", "mask"):
+            path = out_dir / rec[key]
+            if not path.is_file() or path.stat().st_size != int(rec[f"{key}_size"]):
+                return False
+            if _sha256_file(path) != rec[f"{key}_sha256"]:
+                return False
+    except (KeyError, TypeError, ValueError, OSError):
+        return False
+    return True
+
+
+def read_journals(out_dir: str | os.PathLike, settings_hash: str) -> dict[str, dict[str, Any]]:
+    """Verified journal records of every journal in ``out_dir`` (any shard): ``image_id -> record``.
+
+    Only records written under ``settings_hash`` whose two files exist with the journalled size and
+    SHA-256 count; for an input journalled twice the last verified record wins.
+    """
+    out_dir = Path(out_dir)
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(out_dir.glob("journal*.jsonl")):
+        for rec in _journal_lines(path):
+            if rec.get("settings") == settings_hash:
+                found[rec["image_id"]] = rec
+    return {k: rec for k, rec in found.items() if _verified(rec, out_dir)}
+
+
 # ---------------------------------------------------------------------------------------- resume
+def _settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+
+
 def _settings(cfg: Config, dataset: str) -> dict[str, Any]:
     pre = config_to_dict(cfg)["preprocess"]
     pre.pop("workers", None)
@@ -396,8 +549,36 @@ def _tile(arr: np.ndarray, tile: int, top: float | None = None) -> np.ndarray:
     return out
 
 
-def write_preview(manifest: pd.DataFrame, path: str | os.PathLike, n: int, tile: int = 256) -> Path | None:
-    """Contact sheet PNG: one row per image, ``original | mask | output`` (``n`` images, evenly spread).
+_LABEL_NAMES = {0: "normal", 1: "abnormal", -1: "unknown"}
+#: Preview caption: PIL's default font, white (255) at (2, 2) on a strip of this height, grey 40.
+PREVIEW_CAPTION = 16
+_SHEET_GAP = 4
+
+
+def _label_name(value: Any) -> str:
+    try:
+        return _LABEL_NAMES.get(int(value), str(value))
+    except (TypeError, ValueError):
+        return str(value) or "unknown"
+
+
+def preview_caption(text: str, width: int) -> np.ndarray:
+    """The caption strip of a preview tile: ``(PREVIEW_CAPTION, width)`` uint8, ``text`` at (2, 2)."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("L", (width, PREVIEW_CAPTION), 40)
+    ImageDraw.Draw(strip).text((2, 2), text, fill=255)
+    return np.asarray(strip)
+
+
+def write_preview(manifest: pd.DataFrame, path: str | os.PathLike, n: int, tile: int = 256,
+                  columns: int | None = None) -> Path | None:
+    """Contact sheet PNG of ``n`` images (evenly spread), wrapped into a grid, and its index CSV.
+
+    Each cell is a caption ``"<image_id>  <label>"`` (label: normal, abnormal or unknown) above
+    ``original | mask | output`` (``tile`` pixels each); cells fill rows of ``columns`` (default
+    ``round(sqrt(n / 3))``, so the sheet is about square). ``path`` with suffix ``.csv``
+    (``preview.csv``) lists ``image_id, label, row, column, x, y, width, height`` of every cell.
 
     Returns:
         The path, or ``None`` when no image has an output.
@@ -410,8 +591,13 @@ def write_preview(manifest: pd.DataFrame, path: str | os.PathLike, n: int, tile:
     if n <= 0 or done.empty:
         return None
     picks = np.unique(np.linspace(0, len(done) - 1, min(n, len(done))).round().astype(int))
-    rows = []
-    for i in picks:
+    cols = max(1, min(len(picks), columns or round(math.sqrt(len(picks) / 3.0)) or 1))
+    gap = _SHEET_GAP
+    cell_w, cell_h = 3 * tile + 2 * gap, PREVIEW_CAPTION + tile
+    n_rows = math.ceil(len(picks) / cols)
+    sheet = np.full((n_rows * cell_h + (n_rows - 1) * gap, cols * cell_w + (cols - 1) * gap), 128, dtype=np.uint8)
+    index = []
+    for k, i in enumerate(picks):
         r = done.iloc[int(i)]
         try:
             original = read_radiograph(r["source_path"])[0]
@@ -420,13 +606,20 @@ def write_preview(manifest: pd.DataFrame, path: str | os.PathLike, n: int, tile:
         mask = np.asarray(Image.open(r["mask_path"]))
         output = np.asarray(Image.open(r["output_path"]))
         top = 255.0 if output.dtype == np.uint8 else 65535.0
-        gap = np.full((tile, 4), 128, dtype=np.uint8)
-        rows.append(np.concatenate([_tile(original, tile), gap, _tile(mask, tile, 255.0), gap,
-                                    _tile(output, tile, top)], axis=1))
-        rows.append(np.full((4, rows[-1].shape[1]), 128, dtype=np.uint8))
-    sheet = np.concatenate(rows[:-1], axis=0)
+        vgap = np.full((tile, gap), 128, dtype=np.uint8)
+        body = np.concatenate([_tile(original, tile), vgap, _tile(mask, tile, 255.0), vgap,
+                               _tile(output, tile, top)], axis=1)
+        label = _label_name(r.get("label", -1))
+        cell = np.concatenate([preview_caption(f"{r['image_id']}  {label}", cell_w), body], axis=0)
+        row, col = divmod(k, cols)
+        y, x = row * (cell_h + gap), col * (cell_w + gap)
+        sheet[y:y + cell_h, x:x + cell_w] = cell
+        index.append({"image_id": r["image_id"], "label": label, "row": row, "column": col, "x": x, "y": y,
+                      "width": cell_w, "height": cell_h})
     with atomic_path(path) as tmp:
         Image.fromarray(sheet).save(tmp, format="PNG")
+    with atomic_path(Path(path).with_suffix(".csv")) as tmp:
+        pd.DataFrame(index).to_csv(tmp, index=False, lineterminator="\n")
     return Path(path)
 
 
@@ -512,19 +705,29 @@ def run_preprocess(
     inputs = inputs.reset_index(drop=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(cfg, dataset)
+    settings_hash = _settings_hash(settings)
     if not force and _settings_changed(out_dir / "config.yaml", settings):
         log.warning("%s: preprocessing settings differ from the previous run; redoing every input", out_dir)
         force = True
+    save_config(cfg, out_dir / "config.yaml")  # now, so that a run killed midway leaves its settings
     previous = {} if force else _previous_done(manifest_path)
+    journalled = {} if force else read_journals(out_dir, settings_hash)
 
     rows: dict[str, dict[str, Any]] = {}
     tasks = []
+    sources: dict[str, str] = {}
     for rec in inputs[["image_id", "source_path"]].itertuples(index=False):
         rel = _safe_rel(rec.image_id)
         out_img, out_mask = str(out_dir / "images" / f"{rel}.png"), str(out_dir / "masks" / f"{rel}.png")
+        sources[rec.image_id] = rec.source_path
         prev = previous.get(rec.image_id)
-        if prev is not None and prev["source_path"] == rec.source_path and prev["output_path"] == out_img:
-            keep = {k: prev[k] for k in (*OUTPUT_COLUMNS, *_UID_COLUMNS) if k in prev}
+        done = journalled.get(rec.image_id)
+        if done is not None and done["source_path"] == rec.source_path and done["output"] == f"images/{rel}.png":
+            keep = {k: v for k, v in done["row"].items() if k in (*OUTPUT_COLUMNS, *_UID_COLUMNS, "voi")}
+            rows[rec.image_id] = {**keep, "image_id": rec.image_id, "output_path": out_img, "mask_path": out_mask,
+                                  "status": "skipped", "reason": ""}
+        elif prev is not None and prev["source_path"] == rec.source_path and prev["output_path"] == out_img:
+            keep = {k: prev[k] for k in (*OUTPUT_COLUMNS, *_UID_COLUMNS, "voi") if k in prev}
             rows[rec.image_id] = {**keep, "image_id": rec.image_id, "status": "skipped", "reason": ""}
         else:
             tasks.append((rec.image_id, rec.source_path, out_img, out_mask))
@@ -534,10 +737,14 @@ def run_preprocess(
     workers = max(1, min(pre.workers, len(tasks)))
     log.info("%s: %d inputs (%d to do, %d done before, %d not readable as DICOM) with %d worker(s)",
              out_dir, len(inputs) + len(strays), len(tasks), len(rows), len(strays), workers)
-    for row in progress(_run_tasks(tasks, workers, init_args), "preprocessing", total=len(tasks)):
-        rows[row["image_id"]] = row
-        if row["status"] == "failed":
-            log.debug("failed: %s: %s", row["image_id"], row["reason"])
+    with Journal(out_dir / journal_file_name(shard), fresh=force) as journal:
+        for row in progress(_run_tasks(tasks, workers, init_args), "preprocessing", total=len(tasks)):
+            if row["status"] == "ok":  # both files are in place: make the input durable as done
+                journal.append(_journal_record(row, sources[row["image_id"]], out_dir, settings_hash))
+            row.pop("_files", None)
+            rows[row["image_id"]] = row
+            if row["status"] == "failed":
+                log.debug("failed: %s: %s", row["image_id"], row["reason"])
 
     manifest = _with_outputs(inputs, strays, rows, root)
     write_manifest(manifest, manifest_path)

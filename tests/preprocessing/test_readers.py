@@ -328,3 +328,50 @@ def test_reduced_read_is_traced_back_to_the_file_grid(tmp_path):
     out = t(d)
     assert out["image"].shape == (1, 100, 75) and out["image"].applied_operations[-1]["extra_info"]["factor"] == 4
     assert t.inverse(out)["image"].shape == (1, 400, 300)
+
+
+# ------------------------------------------------------------------------------ broken VOI LUT (issue 11.7)
+def _with_voi_lut(src: Path, dst: Path, descriptor: list[int], n_data: int, window: bool) -> Path:
+    """A copy of ``src`` with a (possibly broken) VOI LUT Sequence, with or without its window."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(src)
+    item = Dataset()
+    item.LUTDescriptor = descriptor
+    item.add_new(0x00283006, "OW", (np.arange(n_data, dtype=np.uint16) * 8).tobytes())  # LUT Data
+    ds.VOILUTSequence = Sequence([item])
+    if not window:
+        del ds.WindowCenter, ds.WindowWidth
+    ds.save_as(dst)
+    return dst
+
+
+# (LUT Descriptor, LUT Data entries): descriptor without its bits value, LUT data 100 of 4096 entries
+BROKEN_LUTS = [([4096, 0], 4096), ([4096, 0, 12], 100)]
+
+
+@pytest.mark.parametrize(("descriptor", "n_data"), BROKEN_LUTS)
+def test_broken_voi_lut_falls_back_to_window_then_full_range(tmp_path, descriptor, n_data):
+    src, _ = _phantom_dicom(tmp_path / "ph.dcm", monochrome1=False, window=True)
+    ref_window, meta_w = read_radiograph(src)
+    assert meta_w["voi"] == "window"
+    ref_full, meta_n = read_radiograph(src, apply_voi=False)
+    # a broken LUT with a window: the window is applied, and the manifest note says why
+    arr, meta = read_radiograph(_with_voi_lut(src, tmp_path / "w.dcm", descriptor, n_data, window=True))
+    assert meta["voi"].startswith("window (VOI LUT Sequence unusable: ")
+    np.testing.assert_array_equal(arr, ref_window)
+    assert meta["display_range"] == pytest.approx(meta_w["display_range"])
+    # no window either: the full (Modality LUT) range
+    arr, meta = read_radiograph(_with_voi_lut(src, tmp_path / "n.dcm", descriptor, n_data, window=False))
+    assert meta["voi"].startswith("none (VOI LUT Sequence unusable: ") and "full range" in meta["voi"]
+    np.testing.assert_array_equal(arr, ref_full)
+    assert meta["display_range"] == pytest.approx(meta_n["display_range"])
+
+
+def test_valid_voi_lut_still_applied(tmp_path):
+    src, _ = _phantom_dicom(tmp_path / "ph.dcm", monochrome1=False, window=True)
+    arr, meta = read_radiograph(_with_voi_lut(src, tmp_path / "ok.dcm", [4096, 0, 16], 4096, window=True))
+    raw = pydicom.dcmread(src).pixel_array
+    assert meta["voi"] == "voi_lut" and tuple(meta["display_range"]) == (0.0, 65535.0)
+    np.testing.assert_array_equal(arr, raw.astype(np.float32) * 8)  # the LUT maps v -> 8 v

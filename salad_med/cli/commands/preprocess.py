@@ -22,7 +22,7 @@ def preprocess(
     size: Annotated[int | None, typer.Option("--size", help="Output side in pixels (default 512; nih 256).")] = None,
     bit_depth: Annotated[int | None, typer.Option("--bit-depth", help="Bits of the written PNGs: 8 or 16.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo inputs whose outputs already exist.")] = False,
-    preview: Annotated[int, typer.Option("--preview", min=0, help="Contact sheet of N images (original | mask | output).")] = 0,
+    preview: Annotated[int, typer.Option("--preview", min=0, help="Contact sheet of N images: id and label over original | mask | output, in a grid.")] = 0,
     labels: Annotated[Path | None, typer.Option(
         "--labels", help="folder: CSV path,label[,patient_id,body_part]; dicom: CSV sop_instance_uid|path,label; "
                          "nih: Data_Entry_2017.csv.")] = None,

@@ -99,6 +99,38 @@ def test_manifest_columns_and_outputs(mixed_run):
     assert sheet.shape[1] > 3 * 256 and sheet.shape[0] >= 3 * 256
 
 
+def test_preview_tiles_captioned_and_wrapped_into_a_grid(mixed_run, tmp_path):
+    """Each cell: "<image_id>  <label>" caption above original | mask | output; cells wrap into rows (11.8)."""
+    from PIL import ImageDraw
+
+    from salad_med.data.preprocess_job import PREVIEW_CAPTION, write_preview
+
+    out, _ = mixed_run
+    m = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    tile, gap = 64, 4
+    path = write_preview(m, tmp_path / "sheet.png", n=4, tile=tile, columns=3)
+    sheet = np.asarray(Image.open(path))
+    cell_w, cell_h = 3 * tile + 2 * gap, PREVIEW_CAPTION + tile
+    assert sheet.shape == (2 * cell_h + gap, 3 * cell_w + 2 * gap)  # 3 cells, then 1 on the second row
+    index = pd.read_csv(tmp_path / "sheet.csv", keep_default_na=False)
+    ok = m[m["status"] == "ok"].reset_index(drop=True)
+    assert list(index["image_id"]) == list(ok["image_id"])
+    assert list(zip(index["row"], index["column"], strict=True)) == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    names = {0: "normal", 1: "abnormal"}
+    for r, label in zip(index.itertuples(), ok["label"], strict=True):
+        assert r.label == names[int(label)]
+        expect = Image.new("L", (cell_w, PREVIEW_CAPTION), 40)
+        ImageDraw.Draw(expect).text((2, 2), f"{r.image_id}  {r.label}", fill=255)  # PIL's default font
+        caption = sheet[r.y: r.y + PREVIEW_CAPTION, r.x: r.x + cell_w]
+        np.testing.assert_array_equal(caption, np.asarray(expect))
+        assert (caption > 200).sum() > 20  # the text is there (anti-aliased glyphs)
+        body = sheet[r.y + PREVIEW_CAPTION: r.y + cell_h, r.x: r.x + cell_w]
+        assert body[:, tile + gap: 2 * tile + gap].max() == 255  # the mask tile shows the mask
+    assert (sheet[cell_h + gap:, cell_w:] == 128).all()  # empty rest of the last row
+    captions = {sheet[r.y: r.y + PREVIEW_CAPTION, r.x: r.x + cell_w].tobytes() for r in index.itertuples()}
+    assert len(captions) == 4
+
+
 def test_resume_skips_finished_outputs_and_force_redoes(mixed_folder, mixed_run):
     root, _ = mixed_folder
     out, _ = mixed_run
@@ -200,6 +232,22 @@ def test_dicom_tree_uids_and_strays(tmp_path):
     assert "empty file" in reasons[str(root / "empty.dcm")]
     assert "not a DICOM file" in reasons[str(root / "notes.dcm")]
     assert "truncated" in reasons[str(root / "trunc.dcm")]
+
+
+def test_broken_voi_lut_recorded_in_the_manifest(tmp_path):
+    """A DICOM whose VOI LUT cannot be applied is preprocessed with its window; the manifest says so."""
+    from tests.preprocessing.test_readers import _phantom_dicom, _with_voi_lut
+
+    root = tmp_path / "dicom"
+    good, _ = _phantom_dicom(root / "good.dcm", monochrome1=False, window=True, seed=4)
+    src, _ = _phantom_dicom(tmp_path / "src.dcm", monochrome1=False, window=True, seed=5)
+    _with_voi_lut(src, root / "broken.dcm", [4096, 0, 12], 100, window=True)
+    out = tmp_path / "out"
+    result = _invoke("--dataset", "dicom", "--input", root, "--output", out, "--size", SIZE)
+    assert result.exit_code == 0 and "2 ok" in result.stdout, result.output
+    m = pd.read_csv(out / "manifest.csv", keep_default_na=False).set_index("image_id")
+    assert m.loc["good", "voi"] == "window"
+    assert m.loc["broken", "voi"].startswith("window (VOI LUT Sequence unusable: LUT Data does not match")
 
 
 def test_mura_tree_keeps_official_split(tmp_path):

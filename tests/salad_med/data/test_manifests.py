@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from benchmarks.split import write_mura_csvs
@@ -192,6 +194,21 @@ def test_folder_csv_aliases_and_errors(tmp_path):
     with pytest.raises(DataError) as err:
         build_folder_manifest(tmp_path, bad)
     assert "1 duplicate image_id: img/x1" in str(err.value) and "img/gone.png" in str(err.value)
+
+
+def test_duplicate_image_id_names_both_files(tmp_path):
+    """x.png + x.jpg in one folder give one image_id; the error names both files (issue 11.7)."""
+    for suffix in (".png", ".jpg"):
+        path = tmp_path / "normal" / f"x{suffix}"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "normal" / "y.png")
+    with pytest.raises(DataError) as err:
+        build_folder_manifest(tmp_path)
+    text = str(err.value)
+    assert "1 duplicate image_id: normal/x (files " in text
+    assert str(tmp_path / "normal" / "x.jpg") in text and str(tmp_path / "normal" / "x.png") in text
+    assert "y.png" not in text
 
 
 def test_parse_labels():
