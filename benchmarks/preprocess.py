@@ -55,8 +55,9 @@ def _decode_floor(path: Path) -> np.ndarray:
 
 
 def _ratio(files: list[tuple[str, Path]], repeats: int, size: int, out: Path, options: dict) -> pd.DataFrame:
+    from preprocessing.atomic import write_png
     from preprocessing.pipelines import get_pipeline
-    from salad_med.data.preprocess_job import to_png_array, write_png
+    from salad_med.data.preprocess_job import to_png_array
 
     pipe = get_pipeline("folder", size, **options)
     outputs = {}

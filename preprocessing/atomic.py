@@ -12,7 +12,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "encode_png", "write_png", "PNG_COMPRESS_LEVEL"]
+
+#: zlib level of written PNGs: 3-4x faster than Pillow's default 6, files ~15 % larger.
+PNG_COMPRESS_LEVEL = 1
 
 
 def _umask() -> int:
@@ -57,3 +60,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically and return the path."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+def encode_png(array, compress_level: int = PNG_COMPRESS_LEVEL, name: str = "array") -> bytes:
+    """The PNG bytes of a ``(H, W)`` uint8 or uint16 array (grey).
+
+    Raises:
+        ValueError: not a 2-D uint8/uint16 array (the message starts with ``name``).
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = np.ascontiguousarray(array)
+    if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):
+        msg = f"write_png {name}: need a 2-D uint8/uint16 array, got {arr.dtype} {arr.shape}"
+        raise ValueError(msg)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def write_png(array, path: str | os.PathLike, compress_level: int = PNG_COMPRESS_LEVEL) -> Path:
+    """Write a ``(H, W)`` uint8 or uint16 array as a grey PNG, atomically (temp file + rename).
+
+    Raises:
+        ValueError: not a 2-D uint8/uint16 array.
+    """
+    return atomic_write_bytes(path, encode_png(array, compress_level, name=str(path)))

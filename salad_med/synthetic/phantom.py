@@ -883,9 +883,9 @@ def write_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     Raises:
         ValueError: not a 2-D uint8/uint16 array.
     """
-    from salad_med.data.preprocess_job import write_png as _write_png
+    from preprocessing.atomic import write_png as write_grey_png
 
-    return _write_png(image, path, compress_level=6)  # PIL's default level: compact phantom trees
+    return write_grey_png(image, path, compress_level=6)  # PIL's default level: compact phantom trees
 
 
 def save_truth(phantom: Phantom, path: str | os.PathLike) -> Path:

@@ -227,7 +227,7 @@ def test_sitk_reader_agrees_with_pydicom(dicom_sample, pydicom_reads):
 # ------------------------------------------------------------------------------ PNG / JPEG
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_png_keeps_bit_depth_round_trip(tmp_path, dtype):
-    from salad_med.data.preprocess_job import write_png
+    from preprocessing.atomic import write_png
 
     top = np.iinfo(dtype).max
     arr = (np.random.default_rng(1).random((40, 30)) * top).astype(dtype)
