@@ -341,6 +341,15 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any, source: str) -> Non
     node[parts[-1]] = value
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line from a (multi-line) PyYAML error: ``at line L, column C: problem (context)``."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"at line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a nested dict."""
     for item in overrides or []:
@@ -355,7 +364,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
-            msg = f"--set {key}: cannot parse value {raw!r}: {err}"
+            msg = f"--set {key}: cannot parse value {raw!r}: {_yaml_problem(err)}"
             raise ConfigError(msg) from None
         _set_path(data, key, value, "--set")
     return data
@@ -399,7 +408,7 @@ def _read_config_file(path: str | os.PathLike, relative_to: Path | None = None,
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        msg = f"{source}: invalid YAML: {err}"
+        msg = f"{source}: invalid YAML {_yaml_problem(err)}"
         raise ConfigError(msg) from None
     if not isinstance(data, dict):
         msg = f"{source}: top level must be a mapping"
