@@ -28,6 +28,9 @@ a message naming the version that wrote them.
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +62,22 @@ def arch_signature(cfg: Config) -> str:
 def write_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save`` to a temp file next to ``path``, then rename (never a half-written checkpoint)."""
     path = Path(path)
-    with atomic_path(path, suffix=".tmp") as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "wb") as fh:
+        try:  # through a Python file: a full disk surfaces as the OSError, not torch's "unexpected pos"
+            torch.save(state, fh)
+        except RuntimeError as err:
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
     return path
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """One line for a file ``torch.load`` cannot read: the error's first sentence (torch's messages run on)."""
+    text = " ".join(str(err).split())
+    first = text.split(". ")[0][:200]
+    detail = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    return f"{path}: corrupted or not a salad-med checkpoint (file truncated or damaged: {detail})"
 
 
 def read_checkpoint(path: str | os.PathLike, expected_signature: str | None = None) -> dict[str, Any]:
@@ -84,11 +100,19 @@ def read_checkpoint(path: str | os.PathLike, expected_signature: str | None = No
         msg = f"{path}: checkpoint not found"
         raise CheckpointError(msg)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        msg = f"{path}: corrupted or not a salad-med checkpoint ({type(err).__name__}: {first[:200]})"
+        with warnings.catch_warnings():  # a plain pickle (not torch's zip) draws a multi-line warning
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise CheckpointError(_unreadable(path, err)) from None
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        calls = f" (it calls {found.group(1)})" if found else ""
+        msg = (f"{path}: corrupted or not a salad-med checkpoint: it holds Python objects that could run code "
+               f"when loaded{calls}; refused (checkpoints are read as tensors, numbers and strings only)")
         raise CheckpointError(msg) from None
+    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
+        raise CheckpointError(_unreadable(path, err)) from None
     found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
     if found in _OLD_FORMATS:
         from salad_med import __version__
