@@ -265,17 +265,21 @@ class BankScorer(AnomalyScorer):
             raise ValueError(msg)
         resolve_backend(self.backend)
 
-    def _fit(self, X: torch.Tensor) -> None:
-        n = int(X.shape[0])
+    def _check_k(self, n: int) -> None:
+        """Refuse ``K >= N`` (fitting, and restoring a saved bank: a constant score must never come out)."""
         if int(self.k) >= n:
             msg = (f"score.k={self.k} is not below the {n} normal bank rows (n_samples={n}): with K >= N every "
                    f"Eq. 4 score is 1/N, a constant. Set score.k to at most {max(n - 1, 1)} "
                    f"(e.g. --set score.k={max(min(20, n - 1), 1)})")
             raise ConfigError(msg)
+
+    def _fit(self, X: torch.Tensor) -> None:
+        self._check_k(int(X.shape[0]))
         self.bank_ = F.normalize(X.float(), dim=1).contiguous()
         self._index = None
 
     def _restore(self, fitted: dict[str, torch.Tensor]) -> None:
+        self._check_k(int(fitted["bank_"].shape[0]))
         self.bank_ = fitted["bank_"].float().contiguous()
         self._index = None
 
