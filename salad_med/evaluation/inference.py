@@ -200,7 +200,7 @@ class RunModel:
                     body_parts: Sequence[str] | None = None) -> pd.DataFrame:
         """Score files and folders with the training preprocessing.
 
-        Bad inputs (unreadable, not an image, preprocessing failure) are listed with
+        Bad inputs (unreadable, not an image, constant (blank) image, preprocessing failure) are listed with
         ``status="failed"`` and a ``reason``; the others are scored and checked by the OOD guard
         (body part from DICOM ``BodyPartExamined`` or ``body_parts``; embedding distance).
 
@@ -214,6 +214,8 @@ class RunModel:
             stem), ``source_path``, ``score`` (calibrated, [0, 1]), ``raw_score``, ``ood`` (bool),
             ``ood_reason``, ``status`` (ok|failed), ``reason``; one row per input file, in input order.
         """
+        from preprocessing.errors import ReadError
+
         files = expand_inputs(paths)
         self.pipeline()
         rows: list[dict[str, Any]] = []
@@ -242,6 +244,8 @@ class RunModel:
                     msg = "file not found"
                     raise FileNotFoundError(msg)
                 img, meta = self.load_image(f)
+                if meta.get("constant_image"):  # a blank image would still get a number: refuse it
+                    raise ReadError(f, "constant image: no contrast, nothing to score")
             except Exception as err:  # noqa: BLE001 - each bad input is reported, the rest scored
                 row.update(status="failed", reason=_first_line(err))
                 log.warning("cannot score %s: %s", f.name, row["reason"])
