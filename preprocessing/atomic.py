@@ -1,18 +1,22 @@
 """Atomic file writing: write to a temporary file in the target folder, then rename.
 
 A crash or an error never leaves a half-written file at the final path, and what was already there
-survives until the new content is complete. Used by every writer in ``preprocessing`` and ``salad_med``.
+survives until the new content is complete. An ``OSError`` while writing (read-only or full folder,
+file-size limit) names the final path, not the hidden temporary file. Used by every writer in
+``preprocessing`` and ``salad_med``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "encode_png", "write_png", "PNG_COMPRESS_LEVEL"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "encode_png", "write_png", "PNG_COMPRESS_LEVEL",
+           "remove_stale_temps"]
 
 #: zlib level of written PNGs: 3-4x faster than Pillow's default 6, files ~15 % larger.
 PNG_COMPRESS_LEVEL = 1
@@ -39,15 +43,27 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix or path.suffix or ".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix or path.suffix or ".tmp")
+    except OSError as err:  # read-only or full folder: name the file the caller asked for, not the temp
+        raise _at_destination(err, path) from err
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        if err.filename is not None and os.fsdecode(err.filename) != str(tmp_path):
+            raise  # about another file (e.g. an input the writer read)
+        raise _at_destination(err, path) from err
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _at_destination(err: OSError, path: Path) -> OSError:
+    """The same error (errno, reason) about ``path``: "disk full" names the file that could not be written."""
+    return OSError(err.errno or 0, err.strerror or str(err), str(path))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -89,3 +105,34 @@ def write_png(array, path: str | os.PathLike, compress_level: int = PNG_COMPRESS
         ValueError: not a 2-D uint8/uint16 array.
     """
     return atomic_write_bytes(path, encode_png(array, compress_level, name=str(path)))
+
+
+# the temporary names of atomic_path: "." + stem + "." + 8 mkstemp characters + suffix
+_TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.[a-z0-9_]{8}(?:\.[A-Za-z0-9]+)?$")
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = None,
+                       recursive: bool = False) -> list[Path]:
+    """Delete the temporary files of atomic writes whose process died (``kill -9``, power loss).
+
+    Call it only where this process is the folder's one writer (another writer's temporary would go).
+
+    Args:
+        folder: where the final files are written.
+        names: final file names (``"last.pt"``) whose temporaries to remove; ``None``: any.
+        recursive: also in sub-folders.
+
+    Returns:
+        The files removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stems = None if names is None else {Path(n).stem for n in names}
+    removed = []
+    for path in sorted(folder.rglob(".*") if recursive else folder.glob(".*")):
+        found = _TEMP_RE.match(path.name)
+        if found and path.is_file() and (stems is None or found["stem"] in stems):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -8,6 +8,7 @@ and an exit code: 2 for bad arguments/config, 1 for failures (full traceback wit
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -17,7 +18,7 @@ from salad_med import __version__
 from salad_med.errors import ConfigError, RunExistsError
 from salad_med.log import configure_logging, get_logger
 
-__all__ = ["app", "main", "cli_errors", "ConfigOption", "SetOption"]
+__all__ = ["app", "main", "cli_errors", "describe_os_error", "ConfigOption", "SetOption"]
 
 app = typer.Typer(
     name="salad-med",
@@ -110,11 +111,32 @@ def cli_errors() -> Iterator[None]:
         raise typer.Exit(code=2) from None
     except (KeyboardInterrupt, SystemExit):
         raise
+    except OSError as err:  # read-only or full folder, a file where a folder should be, ...
+        if _state["verbose"]:
+            log.exception("failure")
+        typer.secho(f"error: {describe_os_error(err)}", err=True, fg="red")
+        raise typer.Exit(code=1) from None
     except Exception as err:  # noqa: BLE001 - the CLI boundary reports every failure in one line
         if _state["verbose"]:
             log.exception("failure")
         typer.secho(f"error: {err}", err=True, fg="red")
         raise typer.Exit(code=1) from None
+
+
+def describe_os_error(err: OSError) -> str:
+    """``PATH: reason`` for a file-system error (``[Errno 17] File exists: 'x'`` -> ``x: exists and is not a
+    folder``)."""
+    if err.filename is None:
+        return str(err)
+    path = os.fsdecode(err.filename)
+    reason = err.strerror or str(err)
+    if isinstance(err, FileExistsError) and os.path.exists(path) and not os.path.isdir(path):
+        reason = "exists and is not a folder"
+    elif isinstance(err, NotADirectoryError):
+        reason = "a part of this path is a file, not a folder"
+    if err.filename2 is not None:
+        path = f"{path} -> {os.fsdecode(err.filename2)}"
+    return f"{path}: {reason}"
 
 
 def _register_commands() -> None:
