@@ -15,7 +15,8 @@ the resolved config is saved as ``DIR/config.yaml``.
   inputs whose journalled outputs exist with the same size and SHA-256 under the same settings
   (``status = skipped``); a torn last line, a missing, truncated or altered output, or other settings
   make the input be redone. A previous complete manifest is trusted too (its files must exist).
-  ``force`` starts a new journal and redoes everything; a change of settings does the same.
+  ``force`` starts a new journal and redoes everything; a change of settings does the same. An
+  unsharded run first removes the temporary files a killed run left in ``DIR``.
 * **Bad inputs** never stop the batch: each becomes one ``failures.csv`` row with a reason a person
   understands (``ReadError`` reasons from :mod:`preprocessing.readers`, "no body part found", ...).
 * **Shards** (``shard=(i, n)``, ``1 <= i <= n``): a deterministic 1/n of the inputs, chosen by a
@@ -47,7 +48,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from preprocessing.atomic import atomic_path, atomic_write_bytes, encode_png
+from preprocessing.atomic import atomic_path, atomic_write_bytes, encode_png, remove_stale_temps
 from preprocessing.errors import ReadError
 from preprocessing.pipelines import root_cause
 from salad_med.config import Config, config_to_dict, save_config
@@ -679,6 +680,10 @@ def run_preprocess(
         manifest_path, failures_path = out_dir / "manifest.csv", out_dir / "failures.csv"
     inputs = inputs.reset_index(drop=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if shard is None:  # the folder's one writer: clear what a killed run left half-written (shards share it)
+        stale = remove_stale_temps(out_dir, recursive=True)
+        if stale:
+            log.info("%s: removed %d temporary file(s) of an interrupted run", out_dir, len(stale))
     settings = _settings(cfg, dataset)
     settings_hash = _settings_hash(settings)
     if not force and _settings_changed(out_dir / "config.yaml", settings):

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from preprocessing.atomic import atomic_path
+from preprocessing.atomic import atomic_path, remove_stale_temps
 from salad_med.config import Config, config_to_dict, save_config
 from salad_med.engine.checkpoint import CHECKPOINT_FORMAT, arch_signature, read_checkpoint, write_checkpoint
 from salad_med.errors import CheckpointError, ConfigError, DataError, DegenerateScoreError, RunExistsError
@@ -536,6 +536,9 @@ class Trainer:
         """
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            stale = remove_stale_temps(self.run_dir, RUN_FILES)
+            if stale:
+                log.info("%s: removed %d temporary file(s) of an interrupted run", self.run_dir, len(stale))
             save_config(self.cfg, self.run_dir / "config.yaml")
         self.model.eval()
         self.method.on_fit_start(self)
@@ -581,9 +584,9 @@ class Trainer:
         self.history.append(row)
         if self.is_main:
             state = self.checkpoint_state({k: v for k, v in val.items() if k in ("auc", "auprc")})
-            write_checkpoint(state, self.run_dir / "last.pt")
-            if improved:
+            if improved:  # best.pt first: a last.pt naming a best epoch always has its best.pt on disk
                 write_checkpoint(state, self.run_dir / "best.pt")
+            write_checkpoint(state, self.run_dir / "last.pt")
             self._write_metrics()
         loss_text = " ".join(f"{k}={v:.4f}" for k, v in means.items() if math.isfinite(v) and (v or k == "total"))
         val_text = f" val AUC={a:.4f} AUPRC={val['auprc']:.4f}{' *' if improved else ''}" \
