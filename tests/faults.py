@@ -210,28 +210,20 @@ def phi_hits(roots: Iterable[str | os.PathLike], texts: Iterable[str] = ()) -> l
 
 # ------------------------------------------------------------------------------------------- tally
 class Tally:
-    """Outcome of each fault case: handled, or pending (the known gap is named)."""
+    """Which fault cases were handled: a case counts once its test reached the end of its assertions."""
 
     def __init__(self, cases: Iterable[str]):
         self.cases = list(cases)
-        self.outcomes: dict[str, tuple[bool, str]] = {}
+        self.done: set[str] = set()
 
     def handled(self, case: str) -> None:
         assert case in self.cases, f"undeclared fault case {case!r}"
-        self.outcomes[case] = (True, "")
-
-    def pending(self, case: str, why: str) -> None:
-        assert case in self.cases, f"undeclared fault case {case!r}"
-        self.outcomes[case] = (False, why)
+        self.done.add(case)
 
     def summary(self) -> str:
-        handled = sum(ok for ok, _ in self.outcomes.values())
-        line = f"fault corpus: handled {handled} / total {len(self.cases)}"
-        missing = [c for c in self.cases if c not in self.outcomes]
+        line = f"fault corpus: handled {len(self.done)} / total {len(self.cases)}"
+        missing = [c for c in self.cases if c not in self.done]
         if missing:
             named = f": {', '.join(missing)}" if len(missing) <= 8 else ""
             line += f" ({len(missing)} not run or failed{named})"
-        pend = [f"{c} ({why})" for c, (ok, why) in self.outcomes.items() if not ok]
-        if pend:
-            line += f"; pending: {'; '.join(pend)}"
         return line
