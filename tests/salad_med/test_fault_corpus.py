@@ -1,6 +1,7 @@
 """The fault corpus (issue 11): bad inputs and faults built from code, run through the commands they hit.
 
-Re-run (about 2-3 minutes on one core; prints ``fault corpus: handled H / total T`` at the end)::
+Re-run (about 75 s of CPU on one core, 4 min wall on a loaded 2-core machine; prints
+``fault corpus: handled H / total T`` at the end)::
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/salad_med/test_fault_corpus.py
 
