@@ -5,10 +5,15 @@ the contract used by the trainer, the scorer and export:
 
 * ``encode(x (B, 1, H, W)) -> z (B, D)`` with unit L2 norm rows,
 * ``decode(z (B, D)) -> x_hat (B, 1, H, W)`` in ``[0, 1]`` (sigmoid output; images are in [0, 1]),
-* ``forward(x) -> (z, x_hat)`` (the same in train and eval mode; BatchNorm statistics differ).
+* ``forward(x) -> (z, x_hat)`` (the same in train and eval mode; BatchNorm statistics differ),
+* ``feature_pyramid(x, levels) -> [(B, C_l, H_l, W_l), ...]``: the encoder's intermediate feature maps
+  (the multi-scale features of teacher / feature-extractor methods), and ``encode_with_pyramid`` (both
+  in one pass). These read the existing modules: no parameter, buffer or ``state_dict`` key is added.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +180,13 @@ class EmbeddingAutoEncoder(nn.Module):
 
     image_size: int
     latent_dim: int
+    #: levels :meth:`feature_pyramid` can return, shallow to deep (set by each subclass).
+    pyramid_levels: tuple[int, ...] = ()
+    #: the levels a feature-extractor method uses when it is given none (strides 4, 8, 16 where the input
+    #: allows: the ``layer1..layer3`` choice of SPADE and Reverse Distillation).
+    default_pyramid_levels: tuple[int, ...] = ()
+    #: ``state_dict`` key prefixes of the encoder (``x -> z``); the rest is the decoder.
+    encoder_prefixes: tuple[str, ...] = ()
 
     def __init__(self, image_size: int, latent_dim: int) -> None:
         super().__init__()
@@ -207,3 +219,111 @@ class EmbeddingAutoEncoder(nn.Module):
         """Embed and reconstruct: ``x (B, 1, S, S) -> (z (B, D) unit rows, x_hat (B, 1, S, S))``."""
         z = self.encode(x)
         return z, self.decode(z)
+
+    # ------------------------------------------------------------------ multi-scale features
+    def _pyramid_stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:  # pragma: no cover - abstract
+        """The encoder as consecutive stages; stage ``i`` outputs level ``pyramid_levels[i]``."""
+        msg = f"{type(self).__name__} must implement _pyramid_stages()"
+        raise NotImplementedError(msg)
+
+    def _embedding_head(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Last stage's output -> (B, D) before normalisation (``encoder_features`` = head(stages(x)))."""
+        msg = f"{type(self).__name__} must implement _embedding_head()"
+        raise NotImplementedError(msg)
+
+    def pyramid_shapes(self, levels: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
+        """``(C_l, H_l, W_l)`` of each level of :meth:`feature_pyramid` for this network's input size.
+
+        Raises:
+            ValueError: see :meth:`check_levels`.
+        """
+        shapes = self._level_shapes()
+        return [shapes[level] for level in self.check_levels(levels)]
+
+    def _level_shapes(self) -> dict[int, tuple[int, int, int]]:  # pragma: no cover - abstract
+        msg = f"{type(self).__name__} must implement _level_shapes()"
+        raise NotImplementedError(msg)
+
+    def check_levels(self, levels: Sequence[int] | None = None) -> tuple[int, ...]:
+        """Validate pyramid levels: ``None`` -> :attr:`default_pyramid_levels`.
+
+        Raises:
+            ValueError: empty, not strictly increasing, or a level this network does not have (the
+                message lists the available ones).
+        """
+        if levels is None:
+            return tuple(self.default_pyramid_levels)
+        out = tuple(int(v) for v in levels)
+        bad = [v for v in out if v not in self.pyramid_levels]
+        if not out or bad or any(b <= a for a, b in zip(out, out[1:])):
+            why = "no level given" if not out else f"unknown level(s) {bad}" if bad else "levels not increasing"
+            msg = (f"feature pyramid levels {list(out)} of {type(self).__name__}: {why} (available: "
+                   f"{list(self.pyramid_levels)}, strictly increasing)")
+            raise ValueError(msg)
+        return out
+
+    def feature_pyramid(self, x: torch.Tensor, levels: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The encoder's intermediate feature maps at ``levels`` (the stages past the deepest one asked
+        for are not run).
+
+        Args:
+            x: (B, 1, S, S) images in [0, 1].
+            levels: strictly increasing levels of :attr:`pyramid_levels` (None = the defaults).
+
+        Returns:
+            ``[(B, C_l, H_l, W_l) for l in levels]`` (see :meth:`pyramid_shapes`), in the order of ``levels``;
+            activations after the level's normalisation and non-linearity, as the next stage reads them.
+
+        Raises:
+            ValueError: see :meth:`check_levels`.
+        """
+        levels = self.check_levels(levels)
+        out: list[torch.Tensor] = []
+        h = x
+        for level, stage in zip(self.pyramid_levels, self._pyramid_stages(), strict=True):
+            h = stage(h)
+            if level in levels:
+                out.append(h)
+            if level == levels[-1]:
+                break
+        return out
+
+    def encode_with_pyramid(self, x: torch.Tensor, levels: Sequence[int] | None = None
+                            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`encode` and :meth:`feature_pyramid` in one encoder pass.
+
+        Returns:
+            ``(z (B, D) unit rows, [(B, C_l, H_l, W_l), ...])``; ``z`` equals ``encode(x)``.
+        """
+        levels = self.check_levels(levels)
+        out: list[torch.Tensor] = []
+        h = x
+        for level, stage in zip(self.pyramid_levels, self._pyramid_stages(), strict=True):
+            h = stage(h)
+            if level in levels:
+                out.append(h)
+        return self.normalize(self._embedding_head(h)), out
+
+    # ------------------------------------------------------------------ encoder weights
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's entries of ``state_dict()`` (keys starting with :attr:`encoder_prefixes`)."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(self.encoder_prefixes)}
+
+    def load_encoder_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy encoder weights (an :meth:`encoder_state_dict` of a network of the same architecture)
+        into this one; the decoder is left as it is.
+
+        Raises:
+            ValueError: missing/unexpected encoder keys or a shape mismatch (the message names them).
+        """
+        mine = self.encoder_state_dict()
+        missing = sorted(set(mine) - set(state))
+        extra = sorted(k for k in state if k not in mine)
+        shapes = sorted(k for k in mine if k in state and tuple(state[k].shape) != tuple(mine[k].shape))
+        if missing or extra or shapes:
+            msg = (f"encoder weights do not fit this {type(self).__name__}: missing {missing[:5]}, unexpected "
+                   f"{extra[:5]}, other shapes {shapes[:5]}")
+            raise ValueError(msg)
+        with torch.no_grad():
+            for key, value in mine.items():
+                value.copy_(state[key])

@@ -5,6 +5,10 @@ Encoder: 6 blocks (3x3 conv, BatchNorm, LeakyReLU), widths ``b, 2b, 4b, 8b, 16b,
 Decoder (mirrored, no skip connections): linear D -> (16b, s, s) -> 6 transposed-conv blocks back to
 width b -> 3x3 conv to 1 channel -> sigmoid (images are in [0, 1]).
 
+Feature pyramid (:meth:`~salad_med.nets.blocks.EmbeddingAutoEncoder.feature_pyramid`): level ``l`` in
+1..6 is the output of encoder block ``l`` (width ``b * (1, 2, 4, 8, 16, 16)[l-1]``, stride ``2**l`` while the
+side allows); the defaults are levels 2, 3, 4 (strides 4, 8, 16).
+
 Input sizes: the 6 blocks halve the side while it stays a whole number >= 1, so the side S must be a
 multiple of 64 (bottleneck ``S / 64``; 256 -> 4x4) or a power of two below 64 (then the last blocks
 use stride 1: 32 -> 5 halvings, bottleneck 1x1). Other sizes raise :class:`~salad_med.errors.ConfigError`.
@@ -15,6 +19,8 @@ Example:
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -58,11 +64,16 @@ class Conv6AutoEncoder(EmbeddingAutoEncoder):
         ConfigError: unsupported ``image_size`` (see :func:`conv6_strides`).
     """
 
+    pyramid_levels = (1, 2, 3, 4, 5, 6)
+    default_pyramid_levels = (2, 3, 4)
+    encoder_prefixes = ("encoder.", "project.")
+
     def __init__(self, image_size: int = 256, latent_dim: int = 200, base_channels: int = 32) -> None:
         super().__init__(image_size, latent_dim)
         strides = conv6_strides(image_size)
         b = int(base_channels)
         widths = [b, 2 * b, 4 * b, 8 * b, 16 * b, 16 * b]
+        self._strides, self._widths = tuple(strides), tuple(widths)
         self.bottleneck_side = image_size
         for s in strides:
             self.bottleneck_side //= s
@@ -87,3 +98,16 @@ class Conv6AutoEncoder(EmbeddingAutoEncoder):
         """(B, D) -> (B, 1, S, S) in [0, 1]."""
         h = self.unproject(z).view(-1, self.bottleneck_channels, self.bottleneck_side, self.bottleneck_side)
         return self.head(self.decoder(h))
+
+    def _pyramid_stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        return list(self.encoder)
+
+    def _embedding_head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.flatten(h, 1))
+
+    def _level_shapes(self) -> dict[int, tuple[int, int, int]]:
+        shapes, side = {}, self.image_size
+        for level, (stride, width) in enumerate(zip(self._strides, self._widths, strict=True), start=1):
+            side //= stride
+            shapes[level] = (width, side, side)
+        return shapes

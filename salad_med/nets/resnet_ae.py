@@ -12,6 +12,11 @@ max-pool mirror (x2, conv to b) -> stem mirror (x stem_stride) -> 3x3 conv to 1 
 The seed side g is h halved while h > 4 and even, which keeps the first linear layer small at 512x512
 (the official code instead decodes the 16x16 feature map, which a 200-d embedding cannot carry).
 
+Feature pyramid (:meth:`~salad_med.nets.blocks.EmbeddingAutoEncoder.feature_pyramid`): level 0 is the
+stem (7x7 conv, norm, ReLU, max pool; width 2b, stride ``2 * stem_stride``), levels 1-4 the outputs of
+``layer1``-``layer4`` (widths 2b, 4b, 8b, 16b; strides ``stem_stride * (2, 4, 8, 16)``); the defaults are
+levels 1, 2, 3 (SPADE's and Reverse Distillation's ``layer1..layer3``).
+
 Input sizes: S must be a multiple of 16 * stem_stride (32 for the default stem stride 2).
 
 Example:
@@ -20,6 +25,8 @@ Example:
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from monai.networks.blocks import Convolution
@@ -45,6 +52,10 @@ class ResNet18AutoEncoder(EmbeddingAutoEncoder):
         ConfigError: ``image_size`` not a multiple of ``16 * stem_stride`` or bad ``stem_stride``.
     """
 
+    pyramid_levels = (0, 1, 2, 3, 4)
+    default_pyramid_levels = (1, 2, 3)
+    encoder_prefixes = ("backbone.", "project.")
+
     def __init__(self, image_size: int = 512, latent_dim: int = 200, base_channels: int = 32,
                  stem_stride: int = 2) -> None:
         super().__init__(image_size, latent_dim)
@@ -59,6 +70,7 @@ class ResNet18AutoEncoder(EmbeddingAutoEncoder):
         b = int(base_channels)
         widths = [2 * b, 4 * b, 8 * b, 16 * b]
         self.stem_stride = stem_stride
+        self._widths = tuple(widths)
         self.backbone = ResNet(
             block="basic", layers=[2, 2, 2, 2], block_inplanes=widths, spatial_dims=2, n_input_channels=1,
             conv1_t_size=7, conv1_t_stride=stem_stride, no_max_pool=False, shortcut_type="B",
@@ -95,3 +107,28 @@ class ResNet18AutoEncoder(EmbeddingAutoEncoder):
         """(B, D) -> (B, 1, S, S) in [0, 1]."""
         h = self.unproject(z).view(-1, self.seed_channels, self.seed_side, self.seed_side)
         return self.head(self.decoder(h))
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Level 0: the backbone's stem exactly as :meth:`monai.networks.nets.ResNet.forward` runs it."""
+        b = self.backbone
+        x = b.act(b.bn1(b.conv1(x)))
+        return x if b.no_max_pool else b.maxpool(x)
+
+    def _pyramid_stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        b = self.backbone
+        return [self._stem, b.layer1, b.layer2, b.layer3, b.layer4]
+
+    def _embedding_head(self, h: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        h = b.avgpool(h).view(h.size(0), -1)
+        if b.fc is not None:
+            h = b.fc(h)
+        return self.project(h)
+
+    def _level_shapes(self) -> dict[int, tuple[int, int, int]]:
+        side = self.image_size // (2 * self.stem_stride)  # stem conv, then the 2x max pool
+        shapes = {0: (self._widths[0], side, side), 1: (self._widths[0], side, side)}
+        for level in (2, 3, 4):
+            side //= 2
+            shapes[level] = (self._widths[level - 1], side, side)
+        return shapes
