@@ -115,6 +115,9 @@ class ModelConfig:
     norm: str = _field("batch", choices=("batch", "group", "instance", "none"),
                        help="normalisation layers: batch (paper), group/instance/none do not depend on the "
                             "batch composition (a DDP run then equals a 1-process run exactly)")
+    init_from: str = _field("", help="run directory (e.g. `salad-med pretrain --method simclr`) whose encoder "
+                                     "weights initialise this network's encoder before training; '' (default) = "
+                                     "random initialisation, exactly as without this key")
 
 
 @dataclass

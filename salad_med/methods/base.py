@@ -156,10 +156,24 @@ class AnomalyMethod:
 
     # ------------------------------------------------------------------ network
     def build_model(self) -> nn.Module:
-        """The network (weights from torch's global RNG: the trainer seeds before calling)."""
+        """The network (weights from torch's global RNG: the trainer seeds before calling).
+
+        ``model.init_from`` (a run directory) copies that run's encoder weights into the new network's
+        encoder when the method is built for training (``num_train > 0``; the decoder keeps its random
+        initialisation, and the global RNG stream is the same as without it). Empty (the default) changes
+        nothing. When only scoring (:func:`~salad_med.evaluation.inference.load_run`, ``num_train == 0``)
+        the checkpoint's weights are loaded instead, so the initialising run need not exist then. See
+        :func:`salad_med.methods.components.teacher.init_encoder_from`.
+        """
         from salad_med.nets import build_network
 
-        return build_network(self.cfg.model, self.cfg.data.image_size)
+        net = build_network(self.cfg.model, self.cfg.data.image_size)
+        init_from = getattr(self.cfg.model, "init_from", "")
+        if init_from and self.num_train > 0:
+            from salad_med.methods.components.teacher import init_encoder_from
+
+            init_encoder_from(net, self.cfg, init_from)
+        return net
 
     def train_module(self, model: nn.Module) -> nn.Module:
         """The module one training step calls (wrapped in DDP by the trainer)."""
