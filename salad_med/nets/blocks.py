@@ -255,7 +255,7 @@ class EmbeddingAutoEncoder(nn.Module):
             return tuple(self.default_pyramid_levels)
         out = tuple(int(v) for v in levels)
         bad = [v for v in out if v not in self.pyramid_levels]
-        if not out or bad or any(b <= a for a, b in zip(out, out[1:])):
+        if not out or bad or any(b <= a for a, b in zip(out, out[1:], strict=False)):
             why = "no level given" if not out else f"unknown level(s) {bad}" if bad else "levels not increasing"
             msg = (f"feature pyramid levels {list(out)} of {type(self).__name__}: {why} (available: "
                    f"{list(self.pyramid_levels)}, strictly increasing)")
@@ -277,16 +277,21 @@ class EmbeddingAutoEncoder(nn.Module):
         Raises:
             ValueError: see :meth:`check_levels`.
         """
-        levels = self.check_levels(levels)
+        return self._run_stages(x, self.check_levels(levels), to_the_end=False)[1]
+
+    def _run_stages(self, x: torch.Tensor, levels: tuple[int, ...], to_the_end: bool
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the encoder stages, keeping the outputs at ``levels``; stop after the deepest of them unless
+        ``to_the_end``. Returns ``(last output, kept outputs)``."""
         out: list[torch.Tensor] = []
         h = x
         for level, stage in zip(self.pyramid_levels, self._pyramid_stages(), strict=True):
             h = stage(h)
             if level in levels:
                 out.append(h)
-            if level == levels[-1]:
+            if level == levels[-1] and not to_the_end:
                 break
-        return out
+        return h, out
 
     def encode_with_pyramid(self, x: torch.Tensor, levels: Sequence[int] | None = None
                             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -295,13 +300,7 @@ class EmbeddingAutoEncoder(nn.Module):
         Returns:
             ``(z (B, D) unit rows, [(B, C_l, H_l, W_l), ...])``; ``z`` equals ``encode(x)``.
         """
-        levels = self.check_levels(levels)
-        out: list[torch.Tensor] = []
-        h = x
-        for level, stage in zip(self.pyramid_levels, self._pyramid_stages(), strict=True):
-            h = stage(h)
-            if level in levels:
-                out.append(h)
+        h, out = self._run_stages(x, self.check_levels(levels), to_the_end=True)
         return self.normalize(self._embedding_head(h)), out
 
     # ------------------------------------------------------------------ encoder weights

@@ -102,7 +102,8 @@ class TeacherParams:
     teacher_run: str = _field("", help="run directory whose encoder is the frozen teacher (e.g. `salad-med pretrain "
                                        "--method simclr`); '' = pre-train SimCLR inline on the train split (cached)")
     teacher_checkpoint: str = _field("best", help="checkpoint of teacher_run: best, last or a path")
-    teacher_epochs: int = _field(30, min=1, max=10000, help="inline SimCLR teacher: epochs")
+    teacher_epochs: int = _field(0, min=0, max=10000, help="inline SimCLR teacher: epochs (0 = the run's own budget, "
+                                                           "train.pretrain_epochs + train.rounds x train.epochs_per_round)")
     teacher_batch_size: int = _field(64, min=2, max=4096, help="inline SimCLR teacher: batch (2 views per image)")
     teacher_lr: float = _field(1e-3, min=0.0, max=1.0, exclusive_min=True, help="inline SimCLR teacher: Adam lr")
     teacher_tau: float = _field(0.2, min=0.02, max=10.0, help="inline SimCLR teacher: NT-Xent temperature")
@@ -262,23 +263,20 @@ def embedding_network(model: nn.Module) -> EmbeddingAutoEncoder:
     raise ValueError(msg)
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _value(cfg: Config, dotted: str) -> Any:
+    """``cfg.model.arch`` for ``"model.arch"``."""
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _check_architecture(source: Config, cfg: Config, what: str) -> None:
-    src, mine = _flat(config_to_dict(source)), _flat(config_to_dict(cfg))
-    keys = [k for k in ARCH_KEYS if not (k == "model.stem_stride" and mine["model.arch"] != "resnet18")]
-    diff = [k for k in keys if src[k] != mine[k]]
+    keys = [k for k in ARCH_KEYS if not (k == "model.stem_stride" and cfg.model.arch != "resnet18")]
+    diff = [(k, _value(source, k), _value(cfg, k)) for k in keys if _value(source, k) != _value(cfg, k)]
     if diff:
-        shown = ", ".join(f"{k}: {src[k]!r} there, {mine[k]!r} here" for k in diff)
-        sets = " ".join(f"--set {k}={src[k]}" for k in diff)
+        shown = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in diff)
+        sets = " ".join(f"--set {k}={a}" for k, a, _ in diff)
         msg = f"{what}: its network differs from this config's ({shown}); train with the same network ({sets})"
         raise ConfigError(msg)
 
@@ -337,7 +335,9 @@ def init_encoder_from(net: EmbeddingAutoEncoder, cfg: Config, run_dir: str | os.
 # ------------------------------------------------------------------------------------------------
 def teacher_config(cfg: Config, params: TeacherParams) -> Config:
     """The SimCLR config of the inline teacher of a run: ``cfg``'s data, preprocessing and network
-    (without ``model.init_from``), ``train.method=simclr`` for ``params.teacher_epochs`` epochs at batch
+    (without ``model.init_from``), ``train.method=simclr`` for ``params.teacher_epochs`` epochs (0: the
+    run's own epoch budget, so that ``salad-med compare`` gives a teacher method's pre-training the
+    epochs the other methods train for) at batch
     ``teacher_batch_size`` with Adam (lr ``teacher_lr``, betas 0.9/0.999, no weight decay),
     ``seed=teacher_seed``, NT-Xent temperature ``teacher_tau`` (SimCLR's other params at their defaults).
     ``train.max_steps_per_epoch``, ``train.device`` and ``train.amp`` are the run's.
@@ -346,7 +346,12 @@ def teacher_config(cfg: Config, params: TeacherParams) -> Config:
     d["seed"] = int(params.teacher_seed)
     d["model"]["init_from"] = ""
     d["data"]["augment"] = True
-    d["train"].update(method="simclr", pretrain_epochs=int(params.teacher_epochs), rounds=0,
+    t = cfg.train
+    epochs = int(params.teacher_epochs) or t.pretrain_epochs + t.rounds * t.epochs_per_round
+    if epochs < 1:
+        msg = "params.teacher_epochs=0 takes the run's epoch budget, which is 0: set params.teacher_epochs"
+        raise ConfigError(msg)
+    d["train"].update(method="simclr", pretrain_epochs=epochs, rounds=0,
                       batch_size=int(params.teacher_batch_size), lr=float(params.teacher_lr), beta1=0.9,
                       beta2=0.999, weight_decay=0.0, val_every=1)
     d["params"] = {"tau": float(params.teacher_tau)}
@@ -363,8 +368,11 @@ def teacher_cache_key(teacher_cfg: Config, train_ds, val_ds) -> str:
     preprocessing)."""
     from salad_med.engine.trainer import RESUMABLE_KEYS
 
-    flat = {k: v for k, v in _flat(config_to_dict(teacher_cfg)).items() if k not in RESUMABLE_KEYS}
-    h = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode())
+    resolved = config_to_dict(teacher_cfg)
+    for dotted in RESUMABLE_KEYS:  # where the run happens, not what it computes
+        section, key = dotted.split(".")
+        resolved[section].pop(key, None)
+    h = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode())
     for ds in (train_ds, val_ds):
         cache = getattr(ds, "cache", None)
         h.update(f"\n{getattr(ds, 'split', '')}\n{Path(cache.path).name if cache is not None else ''}\n".encode())

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from salad_med.cli.app import app
@@ -19,16 +18,9 @@ from salad_med.engine.trainer import Trainer, train_from_manifest
 from salad_med.evaluation.inference import load_run
 from salad_med.methods.simclr import NTXentLoss, SimCLRParams, simclr_augmentation
 from tests.conftest import TINY_OVERRIDES, write_tiny_split
+from tests.salad_med.methods.conftest import Killed, kill_after_epoch, write_tiny_split_16bit
 
 SIMCLR = [*TINY_OVERRIDES, "train.method=simclr", "train.pretrain_epochs=2", "train.rounds=0", "params.k=3"]
-
-
-class _Kill(Exception):
-    """Stands in for a killed process after an epoch's checkpoint was written."""
-
-
-def _kill(_trainer, _row):
-    raise _Kill
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +30,7 @@ def split(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def split16(tmp_path_factory):
-    """The tiny split as 16-bit PNGs using the whole 16-bit range (values above 255 * 257 included)."""
-    root = tmp_path_factory.mktemp("simclr_data16")
-    csv = write_tiny_split(root, n=32, preprocessed=True)
-    for path in pd.read_csv(csv)["output_path"]:
-        arr = np.asarray(Image.open(path), dtype=np.float64) / 255.0
-        Image.fromarray(np.round(arr * 65535).astype(np.uint16)).save(path)
-    assert np.asarray(Image.open(path)).dtype == np.uint16
-    return csv
+    return write_tiny_split_16bit(tmp_path_factory.mktemp("simclr_data16"))
 
 
 def test_nt_xent_by_hand():
@@ -117,8 +102,8 @@ def test_simclr_resumes_exactly(split, tmp_path):
     straight = Trainer(cfg, ds["train"], ds["val"], tmp_path / "a")
     straight.fit()
     ds = build_datasets(cfg, load_split_manifest(split), tmp_path / "cache")
-    killed = Trainer(cfg, ds["train"], ds["val"], tmp_path / "b", callbacks=[_kill])
-    with pytest.raises(_Kill):
+    killed = Trainer(cfg, ds["train"], ds["val"], tmp_path / "b", callbacks=[kill_after_epoch])
+    with pytest.raises(Killed):
         killed.fit()
     torch.manual_seed(99)  # disturb the global RNG: the checkpoint restores it
     ds = build_datasets(cfg, load_split_manifest(split), tmp_path / "cache")
@@ -156,3 +141,9 @@ def test_pretrain_cli(split, tmp_path):
     bad = runner.invoke(app, ["pretrain", "--method", "salad", "--manifest", str(split), "--output",
                               str(tmp_path / "x"), "-c", "demo"])
     assert bad.exit_code == 2 and "not a pre-training method" in bad.output and "simclr" in bad.output
+
+
+def test_shipped_pretrain_config_matches_the_demo_network():
+    pre, demo = load_config("simclr"), load_config("demo")
+    assert pre.train.method == "simclr" and pre.params["tau"] == 0.2
+    assert (pre.model, pre.data.image_size) == (demo.model, demo.data.image_size)  # usable as their teacher

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from salad_med.config import load_config
 from salad_med.data.dataset import SaladDataset, build_datasets, load_split_manifest
@@ -20,17 +19,10 @@ from salad_med.evaluation.inference import load_run
 from salad_med.methods.components.teacher import pooled_pyramid, pretrain_teacher, teacher_config
 from salad_med.methods.spade import SpadeParams, knn_distances
 from tests.conftest import TINY_OVERRIDES, write_tiny_split
+from tests.salad_med.methods.conftest import Killed, kill_after_epoch, write_tiny_split_16bit
 
 TEACHER = ["params.teacher_epochs=2", "params.teacher_batch_size=16"]
 SPADE = [*TINY_OVERRIDES, "train.method=spade", "params.k=5", *TEACHER]
-
-
-class _Kill(Exception):
-    pass
-
-
-def _kill(_trainer, _row):
-    raise _Kill
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +157,8 @@ def test_interrupted_teacher_pretraining_resumes_exactly(split, tmp_path):
     tcfg = teacher_config(cfg, params)
     partial = tmp_path / "b" / "teachers" / f"{whole.name}.partial"
     views = SaladDataset(train.rows, train.cache, train.cache_rows, "train", seed=tcfg.seed)
-    with pytest.raises(_Kill):
-        Trainer(tcfg, views, val, partial, callbacks=[_kill]).fit()
+    with pytest.raises(Killed):
+        Trainer(tcfg, views, val, partial, callbacks=[kill_after_epoch]).fit()
     state = torch.get_rng_state()
     resumed = pretrain_teacher(cfg, params, train, val, tmp_path / "b")
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG stream is untouched
@@ -181,12 +173,7 @@ def test_interrupted_teacher_pretraining_resumes_exactly(split, tmp_path):
 def test_spade_with_a_teacher_run_on_8_and_16_bit(bits, split, tmp_path):
     from salad_med.export import export_run
 
-    manifest = split
-    if bits == 16:
-        manifest = write_tiny_split(tmp_path / "data16", n=32, preprocessed=True)
-        for path in pd.read_csv(manifest)["output_path"]:
-            arr = np.asarray(Image.open(path), dtype=np.float64) / 255.0
-            Image.fromarray(np.round(arr * 65535).astype(np.uint16)).save(path)
+    manifest = split if bits == 8 else write_tiny_split_16bit(tmp_path / "data16")
     base = [*TINY_OVERRIDES, f"preprocess.bit_depth={bits}"]
     train_from_manifest(load_config("demo", [*base, "train.method=simclr", "train.pretrain_epochs=1",
                                               "train.rounds=0", "params.k=3"]), manifest, tmp_path / "simclr")
@@ -237,3 +224,24 @@ def test_refusals(split, tmp_path):
                                                  f"params.teacher_cache={tmp_path / 'tc'}"]), split, tmp_path / "r3")
     run = load_run(tmp_path / "r3")
     assert run.method.k_used == 15 and run.anomaly_map(torch.rand(1, 1, 32, 32)) is None
+
+
+def test_compare_runs_simclr_and_spade_with_one_shared_teacher(split, tmp_path):
+    from typer.testing import CliRunner
+
+    from salad_med.cli.app import app
+
+    # one config for every method: spade's teacher takes the run's budget (teacher_epochs=0 -> 1 epoch)
+    sets = [*TINY_OVERRIDES, "train.pretrain_epochs=1", "train.rounds=0"]
+    res = CliRunner().invoke(app, ["compare", "-m", str(split), "-o", str(tmp_path / "cmp"), "-c", "demo",
+                                   "--methods", "simclr,spade", "--seeds", "0,1", "--n-boot", "10",
+                                   *[a for s in sets for a in ("--set", s)]])
+    assert res.exit_code == 0, res.output
+    runs = pd.read_csv(tmp_path / "cmp" / "runs.csv")
+    assert sorted(zip(runs["method"], runs["seed"], strict=True)) == [("simclr", 0), ("simclr", 1), ("spade", 0),
+                                                                        ("spade", 1)]
+    assert runs["test_auc"].between(0, 1).all()
+    teachers = [p.name for p in (tmp_path / "cmp" / "cache" / "teachers").iterdir() if p.is_dir()]
+    assert len(teachers) == 1  # both spade seeds used one inline teacher
+    metrics = pd.read_csv(tmp_path / "cmp" / "cache" / "teachers" / teachers[0] / "metrics.csv")
+    assert metrics["epoch"].tolist() == [1]  # the run's budget
