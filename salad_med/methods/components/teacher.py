@@ -44,6 +44,7 @@ See Also:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -340,20 +341,30 @@ def teacher_config(cfg: Config, params: TeacherParams) -> Config:
     epochs the other methods train for) at batch
     ``teacher_batch_size`` with Adam (lr ``teacher_lr``, betas 0.9/0.999, no weight decay),
     ``seed=teacher_seed``, NT-Xent temperature ``teacher_tau`` (SimCLR's other params at their defaults).
-    ``train.max_steps_per_epoch``, ``train.device`` and ``train.amp`` are the run's.
+    ``train.max_steps_per_epoch``, ``train.device`` and ``train.amp`` are the run's; every other
+    ``train.*``, ``score.*`` (but the kNN backend) and ``split.*`` key is at its default, so that methods
+    whose configs differ only there share the teacher.
     """
-    d = config_to_dict(cfg)
-    d["seed"] = int(params.teacher_seed)
-    d["model"]["init_from"] = ""
-    d["data"]["augment"] = True
+    from salad_med.config import ScoreConfig, SplitConfig, TrainConfig
+
     t = cfg.train
     epochs = int(params.teacher_epochs) or t.pretrain_epochs + t.rounds * t.epochs_per_round
     if epochs < 1:
         msg = "params.teacher_epochs=0 takes the run's epoch budget, which is 0: set params.teacher_epochs"
         raise ConfigError(msg)
-    d["train"].update(method="simclr", pretrain_epochs=epochs, rounds=0,
-                      batch_size=int(params.teacher_batch_size), lr=float(params.teacher_lr), beta1=0.9,
-                      beta2=0.999, weight_decay=0.0, val_every=1)
+    d = config_to_dict(cfg)
+    d["seed"] = int(params.teacher_seed)
+    d["model"]["init_from"] = ""
+    d["data"]["augment"] = True
+    # every key SimCLR does not read takes its default: methods whose configs differ only there (their
+    # own train.* defaults, score.*, split.*) share one teacher
+    d["train"] = {**dataclasses.asdict(TrainConfig()), "method": "simclr", "pretrain_epochs": epochs, "rounds": 0,
+                  "batch_size": int(params.teacher_batch_size), "lr": float(params.teacher_lr), "beta1": 0.9,
+                  "beta2": 0.999, "weight_decay": 0.0, "val_every": 1,
+                  "max_steps_per_epoch": t.max_steps_per_epoch, "device": t.device, "amp": t.amp,
+                  "sync_batchnorm": t.sync_batchnorm}
+    d["score"] = {**dataclasses.asdict(ScoreConfig()), "backend": cfg.score.backend}
+    d["split"] = dataclasses.asdict(SplitConfig())
     d["params"] = {"tau": float(params.teacher_tau)}
     return config_from_dict(d, source="inline teacher")
 

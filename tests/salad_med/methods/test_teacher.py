@@ -210,3 +210,19 @@ def test_simclr_features_separate_phantom_anomalies_better_than_a_random_encoder
 
     a_random, a_simclr = auc(random_net), auc(pretrained)
     assert a_simclr > a_random + 0.03, (a_random, a_simclr)  # measured +0.068 at seed 0
+
+
+def test_teacher_config_depends_on_what_simclr_reads_only():
+    from salad_med.methods.components.teacher import TeacherParams, teacher_config
+
+    a = load_config("demo", [*TINY_OVERRIDES, "train.method=spade"])
+    b = load_config("demo", [*TINY_OVERRIDES, "train.method=salad", "train.k=7", "train.lam=0.5", "score.k=3",
+                             "score.tta=flip", "split.anomalous_ratio=0.1", "seed=5", "train.lr=0.5"])
+    ta, tb = teacher_config(a, TeacherParams()), teacher_config(b, TeacherParams())
+    assert ta == tb  # seeds, methods and their own keys share one teacher
+    assert ta.train.method == "simclr" and ta.seed == 0 and ta.train.lr == 1e-3
+    assert ta.train.pretrain_epochs == 2  # teacher_epochs=0: the run's budget (1 + 1 x 1)
+    assert teacher_config(a, TeacherParams(teacher_epochs=7)).train.pretrain_epochs == 7
+    assert teacher_config(a, TeacherParams(teacher_seed=3)) != ta
+    c = load_config("demo", [*TINY_OVERRIDES, "train.method=spade", "model.base_channels=8"])
+    assert teacher_config(c, TeacherParams()) != ta  # another network, another teacher
