@@ -355,7 +355,7 @@ def teacher_config(cfg: Config, params: TeacherParams) -> Config:
     d = config_to_dict(cfg)
     d["seed"] = int(params.teacher_seed)
     d["model"]["init_from"] = ""
-    d["data"]["augment"] = True
+    d["data"].update(augment=True, augmentation="default")  # SimCLR draws its own views
     # every key SimCLR does not read takes its default: methods whose configs differ only there (their
     # own train.* defaults, score.*, split.*) share one teacher
     d["train"] = {**dataclasses.asdict(TrainConfig()), "method": "simclr", "pretrain_epochs": epochs, "rounds": 0,

@@ -143,7 +143,8 @@ def test_pretrain_cli(split, tmp_path):
     assert bad.exit_code == 2 and "not a pre-training method" in bad.output and "simclr" in bad.output
 
 
-def test_shipped_pretrain_config_matches_the_demo_network():
-    pre, demo = load_config("simclr"), load_config("demo")
-    assert pre.train.method == "simclr" and pre.params["tau"] == 0.2
+def test_shipped_pretrain_preset_combines_with_a_data_config(tmp_path):
+    (tmp_path / "mine.yaml").write_text("base: [demo, simclr]\n")
+    pre, demo = load_config(tmp_path / "mine.yaml"), load_config("demo")
+    assert pre.train.method == "simclr" and pre.train.rounds == 0 and pre.params["tau"] == 0.2
     assert (pre.model, pre.data.image_size) == (demo.model, demo.data.image_size)  # usable as their teacher

@@ -217,7 +217,8 @@ def test_teacher_config_depends_on_what_simclr_reads_only():
 
     a = load_config("demo", [*TINY_OVERRIDES, "train.method=spade"])
     b = load_config("demo", [*TINY_OVERRIDES, "train.method=salad", "train.k=7", "train.lam=0.5", "score.k=3",
-                             "score.tta=flip", "split.anomalous_ratio=0.1", "seed=5", "train.lr=0.5"])
+                             "score.tta=flip", "split.anomalous_ratio=0.1", "seed=5", "train.lr=0.5",
+                             "data.augmentation=flip"])
     ta, tb = teacher_config(a, TeacherParams()), teacher_config(b, TeacherParams())
     assert ta == tb  # seeds, methods and their own keys share one teacher
     assert ta.train.method == "simclr" and ta.seed == 0 and ta.train.lr == 1e-3
