@@ -365,7 +365,15 @@ class Trainer:
 
         path = self.run_dir / "last.pt"
         ckpt = read_checkpoint(path, expected_signature=arch_signature(self.cfg))
-        mine, theirs = _flatten(config_to_dict(self.cfg)), _flatten(ckpt["config"])
+        # the checkpoint's config through the current schema: keys added since it was written take their
+        # defaults instead of reading as changed
+        from salad_med.config import config_from_dict
+
+        try:
+            saved = config_to_dict(config_from_dict(ckpt["config"], source=f"{path} (config)"))
+        except ConfigError:
+            saved = ckpt["config"]
+        mine, theirs = _flatten(config_to_dict(self.cfg)), _flatten(saved)
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k not in RESUMABLE_KEYS)
         if diff:
             shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in diff[:8])
