@@ -198,11 +198,35 @@ def confusion_at(y: Any, s: Any, threshold: float) -> dict[str, float]:
     return {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp)}
 
 
-def _boot_indices(y: np.ndarray, n_boot: int, seed: int):
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+def _band(y: Any, s: Any, curve: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray], n_boot: int,
+          seed: int, alpha: float, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pointwise percentile band of ``curve(y, s, grid_x) -> values at grid_x`` over stratified bootstrap
+    replicates (the resampling of :func:`bootstrap_ci`)."""
+    y_arr, s_arr = _check(y, s)
+    xs = np.linspace(0.0, 1.0, grid)
+    pos, neg = np.flatnonzero(y_arr == 1), np.flatnonzero(y_arr == 0)
     rng = np.random.default_rng(seed)
+    curves = []
     for _ in range(n_boot):
-        yield np.concatenate([rng.choice(pos, pos.size, replace=True), rng.choice(neg, neg.size, replace=True)])
+        idx = np.concatenate([rng.choice(pos, pos.size, replace=True), rng.choice(neg, neg.size, replace=True)])
+        curves.append(curve(y_arr[idx], s_arr[idx], xs))
+    lo, hi = np.quantile(np.asarray(curves), [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
+    return xs, lo, hi
+
+
+def _roc_at(y: np.ndarray, s: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(y, s)
+    return np.interp(xs, fpr, tpr, left=0.0, right=1.0)
+
+
+def _pr_at(y: np.ndarray, s: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    from sklearn.metrics import precision_recall_curve
+
+    prec, rec, _ = precision_recall_curve(y, s)
+    prec = np.maximum.accumulate(prec)  # recall decreasing: best precision at recall >= r
+    return np.interp(xs, rec[::-1], prec[::-1])
 
 
 def roc_band(y: Any, s: Any, n_boot: int = 200, seed: int = 0, alpha: float = 0.05,
@@ -215,16 +239,7 @@ def roc_band(y: Any, s: Any, n_boot: int = 200, seed: int = 0, alpha: float = 0.
     Returns:
         ``(fpr_grid, tpr_lo, tpr_hi)``, each (grid,).
     """
-    from sklearn.metrics import roc_curve
-
-    y_arr, s_arr = _check(y, s)
-    xs = np.linspace(0.0, 1.0, grid)
-    curves = []
-    for idx in _boot_indices(y_arr, n_boot, seed):
-        fpr, tpr, _ = roc_curve(y_arr[idx], s_arr[idx])
-        curves.append(np.interp(xs, fpr, tpr, left=0.0, right=1.0))
-    lo, hi = np.quantile(np.asarray(curves), [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
-    return xs, lo, hi
+    return _band(y, s, _roc_at, n_boot, seed, alpha, grid)
 
 
 def pr_band(y: Any, s: Any, n_boot: int = 200, seed: int = 0, alpha: float = 0.05,
@@ -237,14 +252,4 @@ def pr_band(y: Any, s: Any, n_boot: int = 200, seed: int = 0, alpha: float = 0.0
     Returns:
         ``(recall_grid, precision_lo, precision_hi)``, each (grid,).
     """
-    from sklearn.metrics import precision_recall_curve
-
-    y_arr, s_arr = _check(y, s)
-    xs = np.linspace(0.0, 1.0, grid)
-    curves = []
-    for idx in _boot_indices(y_arr, n_boot, seed):
-        prec, rec, _ = precision_recall_curve(y_arr[idx], s_arr[idx])
-        prec = np.maximum.accumulate(prec)  # recall decreasing: best precision at recall >= r
-        curves.append(np.interp(xs, rec[::-1], prec[::-1]))
-    lo, hi = np.quantile(np.asarray(curves), [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
-    return xs, lo, hi
+    return _band(y, s, _pr_at, n_boot, seed, alpha, grid)

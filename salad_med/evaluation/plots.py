@@ -154,6 +154,59 @@ def _labels(y: Any, scores: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.asarray(y).astype(int) for k in scores}
 
 
+def _curves(ax, kind: str, ys: Mapping[str, np.ndarray], series: Mapping[str, np.ndarray], band: bool,
+            n_boot: int, seed: int, ci: Mapping[str, Sequence[float]] | None,
+            points: Mapping[str, tuple[float, float]] | None) -> None:
+    """Draw the ROC (``kind="roc"``) or PR curves of every series, with bands, CIs and operating points."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    from salad_med.evaluation.metrics import pr_band, roc_band
+
+    for i, (name, s) in enumerate(series.items()):
+        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        if kind == "roc":
+            x, y, _ = roc_curve(ys[name], s)
+            text, step, band_fn = f"{name}: AUC {roc_auc_score(ys[name], s):.3f}", "default", roc_band
+        else:
+            y, x, _ = precision_recall_curve(ys[name], s)
+            text, step, band_fn = f"{name}: AUPRC {average_precision_score(ys[name], s):.3f}", "steps-post", pr_band
+        if ci and name in ci:
+            text += f" [{ci[name][0]:.3f}-{ci[name][1]:.3f}]"
+        ax.plot(x, y, color=colour, lw=1.6, label=text, drawstyle=step)
+        if band:
+            xs, lo, hi = band_fn(ys[name], s, n_boot=n_boot, seed=seed)
+            ax.fill_between(xs, lo, hi, color=colour, alpha=0.18, lw=0)
+        if points and name in points:
+            ax.plot(*points[name], marker="o", ms=6, color=colour, mec="black", ls="none")
+
+
+def _curve_figure(kind: str, y: Any, scores: Mapping[str, Any] | Any, label: str, band: bool, n_boot: int,
+                  seed: int, ci: Mapping[str, Sequence[float]] | None,
+                  points: Mapping[str, tuple[float, float]] | None, title: str):
+    series = _series(scores, label)
+    ys = _labels(y, series)
+    first = next(iter(ys.values()))
+    with style() as plt:
+        fig, ax = plt.subplots(figsize=(4.8, 4.4))
+        _curves(ax, kind, ys, series, band, n_boot, seed, ci, points)
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="chance")
+            ax.set_xlabel("false positive rate (1 - specificity)")
+            ax.set_ylabel("true positive rate (sensitivity)")
+        else:
+            ax.axhline(first.mean(), color="grey", lw=0.8, ls="--", label=f"prevalence {first.mean():.3f}")
+            ax.set_xlabel("recall (sensitivity)")
+            ax.set_ylabel("precision (positive predictive value)")
+        ax.set_title(n_title(title, first) if len({len(v) for v in ys.values()}) == 1 else title)
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.02)
+        ax.legend(loc="lower right" if kind == "roc" else "lower left")
+        if band:
+            ax.text(0.98, 0.35 if kind == "roc" else 0.97, "shaded: 95 % bootstrap band", transform=ax.transAxes,
+                    ha="right", fontsize=7, color="grey")
+    return fig
+
+
 def roc_figure(y: Any, scores: Mapping[str, Any] | Any, label: str = "model", *, band: bool = False,
                n_boot: int = 200, seed: int = 0, ci: Mapping[str, Sequence[float]] | None = None,
                points: Mapping[str, tuple[float, float]] | None = None, title: str = "ROC"):
@@ -168,74 +221,15 @@ def roc_figure(y: Any, scores: Mapping[str, Any] | Any, label: str = "model", *,
         points: ``{name: (fpr, tpr)}`` operating points to mark (e.g. the validation-chosen threshold).
         title: title; ``n`` is appended.
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    from salad_med.evaluation.metrics import roc_band
-
-    series = _series(scores, label)
-    ys = _labels(y, series)
-    with style() as plt:
-        fig, ax = plt.subplots(figsize=(4.8, 4.4))
-        for i, (name, s) in enumerate(series.items()):
-            colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
-            fpr, tpr, _ = roc_curve(ys[name], s)
-            text = f"{name}: AUC {roc_auc_score(ys[name], s):.3f}"
-            if ci and name in ci:
-                text += f" [{ci[name][0]:.3f}-{ci[name][1]:.3f}]"
-            ax.plot(fpr, tpr, color=colour, lw=1.6, label=text)
-            if band:
-                xs, lo, hi = roc_band(ys[name], s, n_boot=n_boot, seed=seed)
-                ax.fill_between(xs, lo, hi, color=colour, alpha=0.18, lw=0)
-            if points and name in points:
-                ax.plot(*points[name], marker="o", ms=6, color=colour, mec="black", ls="none")
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="chance")
-        ax.set_xlabel("false positive rate (1 - specificity)")
-        ax.set_ylabel("true positive rate (sensitivity)")
-        first = next(iter(ys.values()))
-        ax.set_title(n_title(title, first) if len({len(v) for v in ys.values()}) == 1 else title)
-        ax.set_xlim(-0.01, 1.01)
-        ax.set_ylim(-0.01, 1.02)
-        ax.legend(loc="lower right")
-        if band:
-            ax.text(0.98, 0.35, "shaded: 95 % bootstrap band", transform=ax.transAxes, ha="right", fontsize=7,
-                    color="grey")
-    return fig
+    return _curve_figure("roc", y, scores, label, band, n_boot, seed, ci, points, title)
 
 
 def pr_figure(y: Any, scores: Mapping[str, Any] | Any, label: str = "model", *, band: bool = False,
               n_boot: int = 200, seed: int = 0, ci: Mapping[str, Sequence[float]] | None = None,
               points: Mapping[str, tuple[float, float]] | None = None, title: str = "precision-recall"):
     """Precision-recall curves (abnormal = positive) -> Figure; arguments as :func:`roc_figure`
-    (``points``: ``{name: (recall, precision)}``)."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve
-
-    from salad_med.evaluation.metrics import pr_band
-
-    series = _series(scores, label)
-    ys = _labels(y, series)
-    with style() as plt:
-        fig, ax = plt.subplots(figsize=(4.8, 4.4))
-        for i, (name, s) in enumerate(series.items()):
-            colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
-            prec, rec, _ = precision_recall_curve(ys[name], s)
-            text = f"{name}: AUPRC {average_precision_score(ys[name], s):.3f}"
-            if ci and name in ci:
-                text += f" [{ci[name][0]:.3f}-{ci[name][1]:.3f}]"
-            ax.plot(rec, prec, color=colour, lw=1.6, label=text, drawstyle="steps-post")
-            if band:
-                xs, lo, hi = pr_band(ys[name], s, n_boot=n_boot, seed=seed)
-                ax.fill_between(xs, lo, hi, color=colour, alpha=0.18, lw=0)
-            if points and name in points:
-                ax.plot(*points[name], marker="o", ms=6, color=colour, mec="black", ls="none")
-        first = next(iter(ys.values()))
-        ax.axhline(first.mean(), color="grey", lw=0.8, ls="--", label=f"prevalence {first.mean():.3f}")
-        ax.set_xlabel("recall (sensitivity)")
-        ax.set_ylabel("precision (positive predictive value)")
-        ax.set_ylim(0, 1.02)
-        ax.set_xlim(-0.01, 1.01)
-        ax.set_title(n_title(title, first) if len({len(v) for v in ys.values()}) == 1 else title)
-        ax.legend(loc="lower left")
-    return fig
+    (``points``: ``{name: (recall, precision)}``; the band: :func:`~salad_med.evaluation.metrics.pr_band`)."""
+    return _curve_figure("pr", y, scores, label, band, n_boot, seed, ci, points, title)
 
 
 def plot_roc_pr(y: np.ndarray, scores: Mapping[str, np.ndarray] | np.ndarray, roc_path: str | os.PathLike,
