@@ -94,3 +94,20 @@ def test_report_renders_in_chromium(evaluated, tmp_path):
         colours = im.convert("RGB").resize((64, 210)).getcolors(64 * 210)
     assert colours is not None and len(colours) > 50  # figures and tiles painted, not a blank page
     print(f"\nreport screenshot: {shot}")
+
+
+def test_compare_page_renders_in_chromium(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from salad_med.evaluation.report import write_compare_report
+
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(40, int), np.ones(12, int)]
+    curves = {m: pd.DataFrame({"label": y, "raw_score": y * shift + rng.normal(size=y.size)})
+              for m, shift in (("salad", 1.5), ("dae", 2.5), ("deep_svdd", 0.3))}
+    summary = pd.DataFrame({"method": list(curves), "n_seeds": 1, "auc_mean": [0.85, 0.95, 0.6]})
+    page = write_compare_report(tmp_path / "report.html", summary, curves, title="compare",
+                                links={"salad": "runs/salad/seed0/eval-test/report.html"})
+    (ok, n, errors, text), console = load_in_browser(page, tmp_path)
+    assert (ok, n, errors, console) == (3, 3, 0, []), text
