@@ -190,13 +190,18 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "test", output: str | 
         "auprc": auprc(y, s), "auprc_ci95": list(bootstrap_ci(y, s, "auprc", n_boot=n_boot, seed=seed)),
         "n_boot": n_boot, "manifest": str(manifest),
     }
-    if split == "val":
-        val_scores = scores
-    else:
-        val_ds = build_datasets(cfg, df, cache_dir, ("val",), augment_train=False)["val"]
-        val_scores = model.score_dataset(val_ds, batch_size=max(64, cfg.train.batch_size))
-    threshold = choose_threshold(val_scores, labelled, split, model.calibrate)
+    threshold, why = None, "the validation split lacks normal or abnormal images"
+    try:
+        val_scores = scores if split == "val" else model.score_dataset(
+            build_datasets(cfg, df, cache_dir, ("val",), augment_train=False,
+                           skipped_csv=out / "skipped-val.csv" if cfg.data.skip_missing else None)["val"],
+            batch_size=max(64, cfg.train.batch_size))
+        threshold = choose_threshold(val_scores, labelled, split, model.calibrate)
+    except DataError as err:  # no (readable) validation rows: evaluated without an operating point
+        why = f"no validation scores ({err})"
     result["threshold"] = threshold
+    if threshold is None:
+        result["threshold_note"] = f"no threshold: {why}"
     parts = group_metrics(labelled, "body_part")
     types = anomaly_types
     if types is None and "anomaly" in ds.rows:

@@ -291,8 +291,8 @@ def write_evaluation_report(path: str | os.PathLike, *, model: RunModel, result:
 
     page.heading("Threshold")
     if threshold is None:
-        page.paragraph("No operating point: the validation split lacks normal or abnormal images, so no "
-                       "threshold can be chosen on it.", "warn")
+        page.paragraph("No operating point (" + str(result.get("threshold_note", "no threshold")) + "): no false "
+                       "positives or negatives are shown.", "warn")
     else:
         v = threshold["val"]
         page.paragraph(f"Chosen on the validation split (n = {v['n']}, {v['n_abnormal']} abnormal) by Youden's J "

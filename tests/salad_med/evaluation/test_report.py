@@ -142,3 +142,17 @@ def test_map_tile():
     assert 14 <= ys.mean() <= 22 and 38 <= xs.mean() <= 46  # the hot spot, at twice the scale
     same = np.asarray(Image.open(io.BytesIO(map_tile(img, -amap, vmax=1.0, size=64))).convert("RGB")).astype(int)
     assert (same[:, :64] == same[:, 67:]).all()  # negative map values show nothing
+
+
+def test_evaluate_without_validation_rows(tiny_run, typed_split, tmp_path):
+    """A manifest without val rows is still evaluated: no threshold (and the report says why)."""
+    from salad_med.evaluation.evaluate import evaluate_run
+
+    df = pd.read_csv(typed_split, dtype={"image_id": str})
+    df.loc[df["split"] == "val", "split"] = "train"
+    manifest = tmp_path / "no_val.csv"
+    df.to_csv(manifest, index=False)
+    result = evaluate_run(tiny_run, "test", tmp_path / "ev", manifest=manifest, n_boot=20, map_kind=None)
+    assert result["threshold"] is None and "no validation scores" in result["threshold_note"]
+    html = (tmp_path / "ev" / "report.html").read_text()
+    assert "No operating point" in html and ">False positives</h" not in html
