@@ -11,7 +11,8 @@ One :dcm:`Segmentation <part03/sect_A.51.html>` instance per scored DICOM image 
   (that is the SR's score). The scale (the map value stored as 1.0, in raw-score units for occlusion
   maps) and the map kind are in ``ContentDescription``, e.g. ``"occlusion map; 1.0 = 0.0123"``;
 * segment: category ``(49755003, SCT, "Morphologically Abnormal Structure")``, type
-  ``(1005, 99SALAD, "Anomaly map")``, algorithm type ``AUTOMATIC`` with the algorithm name/version;
+  ``(1005, 99SALAD, "Anomaly map")`` (:data:`salad_med.dicom.sr.ANOMALY_MAP`), algorithm type ``AUTOMATIC``
+  with the algorithm name/version;
 * Patient and Study modules inherited from the source image by highdicom (Source Image Sequence /
   Derivation Image Sequence reference it); a new Series (default number 991, description
   ``"SALAD anomaly map - not for clinical use"``).
@@ -39,18 +40,15 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
 
 from preprocessing.atomic import atomic_path
 from salad_med import __version__
-from salad_med.dicom.sr import SALAD_SCHEME, _load_header, quiet_phi_warnings
+from salad_med.dicom.sr import ANOMALY_MAP, _load_header, quiet_phi_warnings
 from salad_med.errors import DataError
 
-__all__ = ["ANOMALY_MAP", "MAP_SERIES_DESCRIPTION", "MAP_LEVELS", "MapReport", "build_map_segmentation",
+__all__ = ["MAP_SERIES_DESCRIPTION", "MAP_LEVELS", "MapReport", "build_map_segmentation",
            "write_map_segmentation", "read_map_segmentation", "map_fraction"]
 
-#: Concept of the anomaly map (the segment's property type; the SR's reference to the map).
-ANOMALY_MAP = Code("1005", SALAD_SCHEME, "Anomaly map")
 MAP_SERIES_DESCRIPTION = "SALAD anomaly map - not for clinical use"
 #: Stored levels of the fraction (Maximum Fractional Value).
 MAP_LEVELS = 255

@@ -59,6 +59,7 @@ __all__ = [
     "RAW_ANOMALY_SCORE",
     "INPUT_DISTRIBUTION",
     "OUT_OF_DISTRIBUTION",
+    "ANOMALY_MAP",
     "NO_UNITS",
     "DEFAULT_SERIES_DESCRIPTION",
     "ScoreReport",
@@ -79,6 +80,8 @@ RAW_ANOMALY_SCORE = Code("1002", SALAD_SCHEME, "SALAD raw anomaly score")
 INPUT_DISTRIBUTION = Code("1003", SALAD_SCHEME, "Input distribution")
 #: Its value when the out-of-distribution guard flagged the image.
 OUT_OF_DISTRIBUTION = Code("1004", SALAD_SCHEME, "Out of distribution")
+#: Concept of an image's anomaly map (:mod:`salad_med.dicom.maps`), referenced by the measurement group.
+ANOMALY_MAP = Code("1005", SALAD_SCHEME, "Anomaly map")
 #: UCUM dimensionless unit.
 NO_UNITS = codes.UCUM.NoUnits
 DEFAULT_SERIES_DESCRIPTION = "SALAD anomaly score - not for clinical use"
@@ -248,24 +251,22 @@ def build_score_sr(
             model_name=algorithm_version,
         ),
     )
-    evidence = [header]
+    extra_evidence = []
     if anomaly_map is not None:
-        from salad_med.dicom.maps import ANOMALY_MAP
-
         with quiet_phi_warnings():
             map_header = _load_header(anomaly_map)
         group[0].ContentSequence.append(hd.sr.ImageContentItem(
             name=ANOMALY_MAP, referenced_sop_class_uid=map_header.SOPClassUID,
             referenced_sop_instance_uid=map_header.SOPInstanceUID,
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
-        evidence.append(map_header)
+        extra_evidence.append(map_header)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_PROCEDURE,
         imaging_measurements=[group],
     )
     with quiet_phi_warnings():
-        sr = _comprehensive_sr(evidence, report, series_instance_uid=series_instance_uid or generate_uid(),
+        sr = _comprehensive_sr(header, report, extra_evidence=extra_evidence, series_instance_uid=series_instance_uid or generate_uid(),
                                series_number=series_number, sop_instance_uid=sop_instance_uid or generate_uid(),
                                instance_number=instance_number, manufacturer=manufacturer,
                                institution_name=institution_name)
@@ -273,9 +274,10 @@ def build_score_sr(
     return sr
 
 
-def _comprehensive_sr(evidence: list[Dataset], report: hd.sr.MeasurementReport, **kwargs) -> hd.sr.ComprehensiveSR:
+def _comprehensive_sr(header: Dataset, report: hd.sr.MeasurementReport, *, extra_evidence: list[Dataset] = (),
+                      **kwargs) -> hd.sr.ComprehensiveSR:
     return hd.sr.ComprehensiveSR(
-        evidence=evidence,
+        evidence=[header, *extra_evidence],
         content=report[0],
         is_complete=True,
         is_final=False,
@@ -382,7 +384,7 @@ def read_score_sr(path_or_dataset: Dataset | str | os.PathLike) -> ScoreReport:
             values[concept] = float(item.MeasuredValueSequence[0].NumericValue)
         elif item.get("ValueType") == "TEXT" and concept is not None and concept[1] == "DCM":
             texts.setdefault(concept[0], item.TextValue)
-        elif item.get("ValueType") == "IMAGE" and concept == ("1005", SALAD_SCHEME):
+        elif item.get("ValueType") == "IMAGE" and concept == (ANOMALY_MAP.value, SALAD_SCHEME):
             map_uid = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         elif item.get("ValueType") == "IMAGE" and ref is None:
             ref = item.ReferencedSOPSequence[0]

@@ -13,14 +13,13 @@ from typer.testing import CliRunner
 
 from salad_med.cli.app import app
 from salad_med.dicom.maps import (
-    ANOMALY_MAP,
     MAP_LEVELS,
     MAP_SERIES_DESCRIPTION,
     build_map_segmentation,
     read_map_segmentation,
     write_map_segmentation,
 )
-from salad_med.dicom.sr import read_score_sr, write_score_sr
+from salad_med.dicom.sr import ANOMALY_MAP, read_score_sr, write_score_sr
 from salad_med.dicom.tools import dcmtk_missing_reason, dcmtk_tool
 from salad_med.errors import DataError
 from salad_med.synthetic.phantom import write_dicom_tree
