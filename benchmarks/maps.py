@@ -16,6 +16,32 @@ the phantom's truth ``anomaly_mask``:
 
 ``--modes`` also compares the occlusion fills (:func:`salad_med.methods.base.occlusion_map`: the default
 ``blur``, MONAI's ``mean_img`` and ``gaussian``) on every method. Everything is deterministic given ``--seed``.
+
+Measured (``--modes``, defaults otherwise: 300 patients, 10 + 2 x 2 epochs at 64x64, 60 abnormal test
+images of 128x112, mask area 1.5 %; one thread on a shared 2-core CPU; * = the run's default map)::
+
+    method     map (val AUC)            pixel AUROC  in body  max in mask  s/image
+    salad      occlusion* (0.82)           0.446      0.584     0.100       2.14
+    salad      reconstruction              0.275      0.649     0.017       0.84
+    memdae     occlusion* (0.75)           0.386      0.581     0.100       0.75
+    memdae     reconstruction              0.722      0.765     0.150       0.31
+    dae        reconstruction* (0.74)      0.692      0.743     0.217       0.28
+    dae        occlusion                   0.476      0.524     0.117       1.70
+    deep_svdd  occlusion* (0.86)           0.345      0.546     0.117       0.75
+    pixel_knn  occlusion* (0.97)           0.605      0.799     0.383       0.56
+    pca        occlusion* (0.97)           0.597      0.768     0.300       0.50
+    chance                                 0.5        0.5       0.015
+
+Occlusion fill, in-body pixel AUROC (blur / mean_img / gaussian): salad 0.584 / 0.545 / 0.533, memdae
+0.581 / 0.362 / 0.448, dae 0.524 / 0.268 / 0.323, deep_svdd 0.546 / 0.326 / 0.432, pixel_knn 0.799 /
+0.332 / 0.458, pca 0.768 / 0.286 / 0.380: ``blur`` is the default. A grey or dark patch is itself an
+anomaly on a radiograph (the map then goes negative over the body: overall AUROC < 0.5); the blur hides
+structure, not brightness. Every map points at the anomaly 7-25x more often than chance, but the
+embedding methods' occlusion maps are coarse (pixel AUROC in the body 0.55-0.58); the maps are a
+pointer, not a segmentation. Whole-image pixel AUROC counts the (masked, black) background too: the
+reconstruction error there makes SALAD's overall figure 0.275 although it ranks body pixels at 0.649.
+Time: the phantoms 20 s, training salad 569 s, memdae 291 s, dae 322 s, deep_svdd 196 s, pixel_knn 9 s,
+pca 3 s (load average ~7 on 2 cores), maps of all variants 1217 s.
 """
 
 from __future__ import annotations

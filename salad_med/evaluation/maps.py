@@ -13,7 +13,9 @@
 * ``"auto"`` (default): the method's own hook, i.e. ``"reconstruction"`` for the DAE and
   ``"occlusion"`` for SALAD, MemDAE, Deep SVDD and the classic detectors. SALAD/MemDAE default to the
   occlusion map because it explains the score that ranks the images; ``kind="reconstruction"`` shows
-  where the decoder fails instead (measured side by side in ``benchmarks/maps.py``).
+  where the decoder fails instead. Measured side by side in ``benchmarks/maps.py`` (phantoms, in-body
+  pixel AUROC / max in mask): SALAD occlusion 0.58 / 0.10, reconstruction 0.65 / 0.02; MemDAE 0.58 / 0.10
+  vs 0.77 / 0.15; the DAE's own reconstruction map 0.74 / 0.22 (chance: 0.5 / 0.015).
 
 **Grids.** Maps are computed on the model's ``(S, S)`` input grid. :class:`GridTrace` records how a file
 reached that grid (the preprocessing pipeline's MONAI trace: box downsampling, carrier crop, resize
