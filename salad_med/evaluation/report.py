@@ -135,13 +135,12 @@ class HtmlReport:
         df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
         columns = list(columns or df.columns)
         headers = list(headers or columns)
-        left = set(left) | {c for c in columns if df[c].dtype == object} if len(df) else set(left)
-        head = "".join(f'<th class="{"l" if c in left else ""}">{html.escape(str(h))}</th>'
-                       for c, h in zip(columns, headers, strict=True))
+        left = set(left) | {c for c in columns if not pd.api.types.is_numeric_dtype(df[c])}
+        cls = {c: ' class="l"' if c in left else "" for c in columns}
+        head = "".join(f"<th{cls[c]}>{html.escape(str(h))}</th>" for c, h in zip(columns, headers, strict=True))
         body = []
         for row in df[columns].itertuples(index=False):
-            cells = "".join(f'<td class="{"l" if c in left else ""}">{html.escape(_fmt(v, digits))}</td>'
-                            for c, v in zip(columns, row, strict=True))
+            cells = "".join(f"<td{cls[c]}>{html.escape(_fmt(v, digits))}</td>" for c, v in zip(columns, row, strict=True))
             body.append(f"<tr>{cells}</tr>")
         self._body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
