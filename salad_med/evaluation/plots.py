@@ -263,6 +263,8 @@ def score_histogram_figure(y: Any, scores: Mapping[str, Any], bins: int = 30, *,
         xlabel: x-axis label.
         thresholds: ``{name: cut-off}`` drawn as a vertical line.
     """
+    from matplotlib.ticker import MaxNLocator
+
     names = list(scores)
     y = np.asarray(y).astype(int)
     with style() as plt:
@@ -275,6 +277,7 @@ def score_histogram_figure(y: Any, scores: Mapping[str, Any], bins: int = 30, *,
             if thresholds and name in thresholds:
                 ax.axvline(thresholds[name], color="black", lw=1.0, ls="--", label="threshold (val)")
             ax.set_title(n_title(name, n=int(np.isfinite(s).sum())))
+            ax.xaxis.set_major_locator(MaxNLocator(5))  # raw scores carry many digits: few ticks stay legible
             ax.set_xlabel(xlabel)
             ax.set_ylabel("images")
             ax.legend()
@@ -305,6 +308,8 @@ def body_part_figure(df: pd.DataFrame, score: str = "raw_score", group: str = "b
         df: rows with ``group``, ``label`` (1/0/-1) and ``score``.
         threshold: cut-off drawn as a vertical line.
     """
+    from matplotlib.ticker import MaxNLocator
+
     parts = sorted(df[group].astype(str).unique())
     with style() as plt:
         fig, ax = plt.subplots(figsize=(7.5, 0.55 * max(2, len(parts)) + 1.2))
@@ -326,6 +331,7 @@ def body_part_figure(df: pd.DataFrame, score: str = "raw_score", group: str = "b
         if threshold is not None:
             ax.axvline(threshold, color="black", lw=1.0, ls="--", label="threshold (val)")
         ax.set_yticks(ticks, labels)
+        ax.xaxis.set_major_locator(MaxNLocator(6))
         ax.set_ylim(-0.6, len(parts) - 0.4)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(group.replace("_", " "))

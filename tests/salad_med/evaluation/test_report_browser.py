@@ -39,7 +39,7 @@ window.addEventListener('load', () => {
   document.body.appendChild(d);
 });
 </script>"""
-PROBE_LINE = re.compile(r"PROBE images (\d+)/(\d+) errors (\d+) ?(.*)")
+PROBE_LINE = re.compile(r"PROBE images (\d+)/(\d+) errors (\d+) ?([^<]*)")
 
 
 def _chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
