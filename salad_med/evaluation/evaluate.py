@@ -4,6 +4,11 @@ Metrics are computed on the **raw** scores (the calibrated score is a monotone m
 AUPRC are the same, without the ties a saturated calibration would add). Scores without spread are
 refused (:func:`salad_med.scoring.calibration.check_spread`): an AUC of a constant is never reported.
 
+When the manifest has a ``study`` column (MURA labels are per study), the images are also grouped by study
+(``patient_id/body_part/study``, :func:`salad_med.dicom.study.manifest_study_keys`) and measured at study
+level beside the image level: study score = max (default) or mean of its images' raw scores, study label =
+abnormal when any of its images is.
+
 Example:
     >>> result = evaluate_run("runs/demo", "test")
     >>> result["auc"], result["auc_ci95"]
@@ -20,8 +25,11 @@ import pandas as pd
 
 from salad_med.errors import DataError
 from salad_med.evaluation.inference import load_run
+from salad_med.log import get_logger
 
-__all__ = ["evaluate_run", "group_metrics"]
+__all__ = ["evaluate_run", "group_metrics", "study_metrics"]
+
+log = get_logger("evaluate")
 
 
 def group_metrics(df: pd.DataFrame, by: str) -> pd.DataFrame:
@@ -45,14 +53,52 @@ def group_metrics(df: pd.DataFrame, by: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[by, "n", "n_abnormal", "auc", "auprc"])
 
 
+def study_metrics(scores: pd.DataFrame, keys: pd.Series, *, how: str = "max", n_boot: int = 1000, seed: int = 0,
+                  what: str = "study scores") -> tuple[dict[str, Any] | None, pd.DataFrame]:
+    """Study-level AUC/AUPRC (bootstrap 95 % CIs over studies) of labelled image scores.
+
+    Args:
+        scores: image table with ``image_id``, ``label`` (0/1), ``score``, ``raw_score``.
+        keys: the study key of each row (aligned with ``scores``).
+        how: ``max`` or ``mean`` of the raw image scores.
+        n_boot, seed: bootstrap replicates and seed.
+        what: how the scores are named in a no-spread error.
+
+    Returns:
+        ``(metrics, studies)``: metrics is None when the studies hold one class only; ``studies`` is the
+        ranked table of :func:`salad_med.dicom.study.aggregate_studies` with the study ``label``.
+
+    Raises:
+        DegenerateScoreError: the study scores have no spread.
+    """
+    from salad_med.dicom.study import aggregate_studies
+    from salad_med.evaluation.metrics import auc, auprc, bootstrap_ci
+    from salad_med.scoring.calibration import check_spread
+
+    table = scores.assign(study=keys.to_numpy(), status="ok")
+    studies = aggregate_studies(table, how=how)
+    y = studies["label"].astype(int).to_numpy()
+    s = studies["raw_score"].to_numpy(dtype=float)
+    if len(set(y.tolist())) < 2:
+        return None, studies
+    check_spread(s, what)
+    metrics = {"aggregate": how, "n": len(studies), "n_abnormal": int((y == 1).sum()), "n_normal": int((y == 0).sum()),
+               "images_per_study": float(len(table) / len(studies)),
+               "auc": auc(y, s), "auc_ci95": list(bootstrap_ci(y, s, "auc", n_boot=n_boot, seed=seed)),
+               "auprc": auprc(y, s), "auprc_ci95": list(bootstrap_ci(y, s, "auprc", n_boot=n_boot, seed=seed))}
+    return metrics, studies
+
+
 def evaluate_run(run_dir: str | os.PathLike, split: str = "test", output: str | os.PathLike | None = None, *,
                  manifest: str | os.PathLike | None = None, checkpoint: str = "best", n_boot: int = 1000,
-                 seed: int = 0, plots: bool = True) -> dict[str, Any]:
+                 seed: int = 0, plots: bool = True, study_score: str = "max") -> dict[str, Any]:
     """Score one split of the run's manifest and measure AUC/AUPRC with bootstrap 95 % CIs.
 
     Writes to ``output`` (default ``RUN_DIR/eval-<split>``): ``metrics.json``, ``scores.csv``
     (image_id, body_part, label, score, raw_score, rank), ``per_body_part.csv``, ``config.yaml`` (the
-    run's resolved config), ``roc.png``, ``pr.png``.
+    run's resolved config), ``roc.png``, ``pr.png``; with a ``study`` column in the manifest also
+    ``studies.csv`` (ranked studies with their label) and ``metrics.json["study"]`` (study-level AUC and
+    AUPRC with CIs; ``null`` when the studies hold one class only).
 
     Args:
         run_dir: the training run.
@@ -63,6 +109,7 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "test", output: str | 
         n_boot: bootstrap replicates.
         seed: bootstrap seed.
         plots: write the ROC/PR PNGs.
+        study_score: study-level score, ``max`` or ``mean`` of the image raw scores.
 
     Returns:
         The ``metrics.json`` content (plus ``"per_body_part"`` rows and ``"output"``).
@@ -113,6 +160,19 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "test", output: str | 
     }
     parts = group_metrics(labelled, "body_part")
     out.mkdir(parents=True, exist_ok=True)
+    from salad_med.dicom.study import manifest_study_keys, write_studies_csv
+
+    keys = manifest_study_keys(ds.rows)
+    result["study"] = None
+    if keys is not None:
+        mask = scores["label"].isin([0, 1]).to_numpy()
+        result["study"], studies = study_metrics(labelled, keys[mask], how=study_score, n_boot=n_boot, seed=seed,
+                                                 what=f"{split} study scores of {model.checkpoint_path}")
+        write_studies_csv(studies, out / "studies.csv")
+        if result["study"] is not None:
+            st = result["study"]
+            log.info("study level (%s over images, %d studies, %d abnormal): AUC %.4f [95%% CI %.4f-%.4f], "
+                     "AUPRC %.4f", study_score, st["n"], st["n_abnormal"], st["auc"], *st["auc_ci95"], st["auprc"])
     with atomic_path(out / "scores.csv") as tmp:
         scores.to_csv(tmp, index=False, float_format="%.8g")
     with atomic_path(out / "per_body_part.csv") as tmp:
