@@ -343,6 +343,10 @@ class ScoringNode:
         self._scored: set[str] = set()  # UIDs with an "ok" results row: acknowledged, never scored again
         self._studies: dict[str, _Study] = {}
         self._study_thread: threading.Thread | None = None
+        #: ``() -> bool``: True while more images may be on their way (e.g. a router catching up or cut off
+        #: from its archive); no study counts as quiet meanwhile.
+        self.study_hold: Callable[[], bool] | None = None
+        self._quiet_since = 0.0  # quiet periods start no earlier than this (start, end of a hold)
         self.audit_path = root / "audit.jsonl"
         self._queue: queue.Queue = queue.Queue()
         self._forward_queue: queue.Queue = queue.Queue()
@@ -400,6 +404,7 @@ class ScoringNode:
         if not self.studies_path.exists():
             atomic_write_text(self.studies_path, ",".join(STUDY_LOG_COLUMNS) + "\n")
         self._load_state()
+        self._quiet_since = time.time()  # images routed while the node was down get a full quiet period
         self._recover()
         s = self.settings
         for i in range(s.workers):
@@ -787,13 +792,17 @@ class ScoringNode:
                 state.last_sr_uid = row.get("sr_sop_instance_uid", "")
 
     def studies_due(self, now: float | None = None) -> list[str]:
-        """Studies whose study SR is due: scored images not yet reported, nothing pending, quiet long enough."""
+        """Studies whose study SR is due: scored images not yet reported, nothing pending, quiet long enough
+        (since their last image, the node's start and the end of the last :attr:`study_hold`)."""
         now = time.time() if now is None else now
         quiet = self.settings.study_quiet_s
+        if self.study_hold is not None and self.study_hold():
+            self._quiet_since = now
+            return []
         with self._lock:
             return [study for study, st in self._studies.items()
                     if st.images and not st.pending and set(st.images) != st.emitted
-                    and now - st.last_activity >= quiet]
+                    and now - max(st.last_activity, self._quiet_since) >= quiet]
 
     def _study_loop(self) -> None:
         tick = min(1.0, max(0.05, self.settings.study_quiet_s / 4))

@@ -115,6 +115,7 @@ class OrthancRouter:
         self._attempts: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._behind = True  # until the change log has been read to its end
         self.routed = 0
 
     # ------------------------------------------------------------------ REST
@@ -175,10 +176,15 @@ class OrthancRouter:
     def start(self) -> OrthancRouter:
         """Check Orthanc, then follow its change log in a thread."""
         self.check()
+        self.node.study_hold = self.is_behind
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="salad-orthanc-route", daemon=True)
         self._thread.start()
         return self
+
+    def is_behind(self) -> bool:
+        """True while the change log has not been read to its end or Orthanc is unreachable."""
+        return self._behind
 
     def stop(self, timeout: float | None = 30.0) -> None:
         self._stop.set()
@@ -199,11 +205,13 @@ class OrthancRouter:
                     _log.info("Orthanc at %s is reachable again after %.0f s", self.url, time.time() - down_since)
                     self.node.audit("route_resumed", status="ok", archive=self.url, cursor=cursor)
                 backoff, down_since = 1.0, None
+                self._behind = not done
                 if done:
                     self._stop.wait(self.poll_s)
             except _Unavailable as err:
                 if self._stop.is_set():
                     break
+                self._behind = True
                 if down_since is None:
                     down_since = time.time()
                     _log.warning("Orthanc at %s unavailable (%s): retrying", self.url, err)
@@ -409,7 +417,7 @@ class LocalOrthanc:
             "WebDavEnabled": False, "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
             "AuthenticationEnabled": bool(self.users), "RegisteredUsers": dict(self.users or {}),
             "Plugins": plugins, "LuaScripts": scripts, "StableAge": 2, "ConcurrentJobs": 2, "JobsHistorySize": 100,
-            "DicomScuTimeout": 30, "DicomAssociationCloseDelay": 1, "HttpThreadsCount": 20,
+            "DicomScuTimeout": 30, "DicomAssociationCloseDelay": 1, "HttpThreadsCount": 20, "DicomThreadsCount": 32,
             "SslEnabled": bool(self.ssl_certificate),
         }
         if self.ssl_certificate:

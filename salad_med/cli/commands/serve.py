@@ -115,9 +115,10 @@ def serve(
         )
         route = None
         if route_from:
-            from salad_med.dicom.dicomweb import HttpAuth
+            from salad_med.dicom.dicomweb import HttpAuth, http_session
 
             auth = HttpAuth(user=route_user, password_env=route_password_env, token_env=route_token_env,
                             insecure=insecure, ca_bundle=ca_bundle)
+            http_session(route_from, auth)  # a missing password or CA bundle fails now, before the model loads
             route = {"url": route_from, "modality": route_modality, "auth": auth}
         run_node(run, settings, route=route)
