@@ -49,6 +49,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pandas as pd
+import requests
 
 from salad_med.errors import ConfigError, DataError, SaladMedError
 from salad_med.log import get_logger
@@ -116,8 +117,6 @@ def http_session(url: str, auth: HttpAuth | None = None):
         ConfigError: the URL is not http(s); both a user and a token; the password or token variable is
             unset or empty; the CA bundle does not exist; ``--insecure`` together with ``--ca-bundle``.
     """
-    import requests
-
     auth = auth or HttpAuth()
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -127,7 +126,7 @@ def http_session(url: str, auth: HttpAuth | None = None):
         msg = f"{parsed.scheme}://...@{parsed.hostname}: credentials in the URL are refused (use --user and " \
               f"the {auth.password_env} environment variable)"
         raise ConfigError(msg)
-    session = requests.Session()
+    session = _Session()
     if auth.user and auth.token_env:
         msg = "--user and --token-env are exclusive: use HTTP basic or a bearer token"
         raise ConfigError(msg)
@@ -151,9 +150,9 @@ def http_session(url: str, auth: HttpAuth | None = None):
         if not Path(auth.ca_bundle).is_file():
             msg = f"{auth.ca_bundle}: CA bundle not found"
             raise ConfigError(msg)
-        session.verify = str(auth.ca_bundle)
+        session.verify = session.explicit_verify = str(auth.ca_bundle)
     elif auth.insecure:
-        session.verify = False
+        session.verify = session.explicit_verify = False
         if parsed.scheme == "https":
             _log.warning("TLS certificate verification is OFF for %s (--insecure): anyone on the network path "
                          "can impersonate the server", parsed.hostname)
@@ -161,6 +160,19 @@ def http_session(url: str, auth: HttpAuth | None = None):
     if parsed.scheme == "http" and (auth.user or auth.token_env) and not _is_loopback(parsed.hostname):
         _log.warning("credentials are sent to %s over plain http: use https", parsed.hostname)
     return session
+
+
+class _Session(requests.Session):
+    """A Session whose explicit ``verify`` (``--ca-bundle`` / ``--insecure``) wins over the environment: plain
+    requests silently replaces it with ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` when those are set."""
+
+    explicit_verify: bool | str | None = None
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if self.explicit_verify is not None and verify is None:
+            settings["verify"] = self.explicit_verify
+        return settings
 
 
 @contextlib.contextmanager

@@ -361,7 +361,6 @@ class LocalOrthanc:
         users: ``{user: password}``; when given, HTTP basic authentication is on.
         dicomweb: load the DICOMweb plugin (root ``/dicom-web/``).
         lua_scripts: Lua source texts, written next to the configuration and loaded.
-        ssl_certificate: PEM file holding the certificate and its private key (HTTPS).
         extra: more configuration keys (override the generated ones).
         aet, http_port, dicom_port: Orthanc's AE title and ports (0: a free port).
     """
@@ -371,7 +370,6 @@ class LocalOrthanc:
     users: dict[str, str] | None = None
     dicomweb: bool = True
     lua_scripts: Sequence[str] = ()
-    ssl_certificate: Path | None = None
     extra: dict = field(default_factory=dict)
     aet: str = "ORTHANC"
     http_port: int = 0
@@ -387,7 +385,7 @@ class LocalOrthanc:
     @property
     def url(self) -> str:
         """REST root."""
-        return f"{'https' if self.ssl_certificate else 'http'}://127.0.0.1:{self.http_port}"
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def dicomweb_url(self) -> str:
@@ -418,13 +416,9 @@ class LocalOrthanc:
             "AuthenticationEnabled": bool(self.users), "RegisteredUsers": dict(self.users or {}),
             "Plugins": plugins, "LuaScripts": scripts, "StableAge": 2, "ConcurrentJobs": 2, "JobsHistorySize": 100,
             "DicomScuTimeout": 30, "DicomAssociationCloseDelay": 1, "HttpThreadsCount": 20, "DicomThreadsCount": 32,
-            "SslEnabled": bool(self.ssl_certificate),
         }
-        if self.ssl_certificate:
-            cfg["SslCertificate"] = str(self.ssl_certificate)
         if self.dicomweb:
-            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Host": "127.0.0.1",
-                               "Ssl": bool(self.ssl_certificate)}
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Host": "127.0.0.1"}
         cfg.update(self.extra)
         return cfg
 
@@ -449,17 +443,14 @@ class LocalOrthanc:
         import requests
 
         session = requests.Session()
-        session.verify = False
-        if self.users:
-            session.auth = next(iter(self.users.items()))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 msg = f"Orthanc exited at start: {self.log_tail()}"
                 raise SaladMedError(msg)
             try:
-                if session.get(f"{self.url}/system", timeout=2).status_code == 200:
-                    return
+                session.get(f"{self.url}/system", timeout=2)  # any HTTP answer (401 included): it is up
+                return
             except requests.exceptions.RequestException:
                 pass
             time.sleep(0.1)

@@ -48,13 +48,18 @@ def score_archive(run: Path, url: str, output: Path, auth, *, study_uids: list[s
                   stow: bool, checkpoint: str = "best", study_score: str = "max"):
     """Score the CR/DX studies of a DICOMweb archive (:func:`salad_med.dicom.dicomweb.score_dicomweb`) and
     write ``scores.csv``, ``studies.csv``, the SRs and ``config.yaml`` under ``output``; returns the result."""
-    from salad_med.dicom.dicomweb import open_client, score_dicomweb
+    from salad_med.dicom.dicomweb import find_studies, open_client, score_dicomweb
     from salad_med.dicom.study import write_studies_csv
+    from salad_med.errors import DataError
     from salad_med.evaluation.inference import load_run
 
-    client = open_client(url, auth)  # bad credentials options fail before the model is loaded
+    client = open_client(url, auth)
+    studies = find_studies(client, study_uids, since)  # credentials, TLS, unknown study: fail before loading
+    if not studies:
+        msg = f"{url}: no study dated {since} or later"
+        raise DataError(msg)
     model = load_run(run, checkpoint)
-    result = score_dicomweb(model, client, output, study_uids=study_uids, since=since, stow=stow, how=study_score,
+    result = score_dicomweb(model, client, output, study_uids=studies, stow=stow, how=study_score,
                             algorithm_parameters=[f"run={Path(run).resolve().name}"])
     _write_scores(result.scores, output, model)
     write_studies_csv(result.studies, output / "studies.csv")
@@ -148,4 +153,6 @@ def score(
                    f"wrote {output / 'scores.csv'}")
         if len(df) == 0 or len(failed) == len(df):
             msg = "no input could be scored" if len(df) else "no input file found"
+            if dicomweb and not len(df):
+                msg = f"no CR/DX image in the selected studies of {dicomweb}"
             raise DataError(msg)
