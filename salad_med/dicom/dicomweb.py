@@ -448,8 +448,9 @@ def score_dicomweb(model, client, output: str | os.PathLike, *, study_uids: Sequ
         columns=[*_failed_row("", "", "").keys()])
     table = aggregate_studies(scores, how=how) if len(scores) else aggregate_studies(
         pd.DataFrame(columns=["study", "image_id", "score", "raw_score", "status"]), how=how)
-    extra = pd.DataFrame(study_rows, columns=["study", "sr_path", "stow"])
-    table = table.merge(extra, on="study", how="left").fillna({"sr_path": "", "stow": ""})
+    extra = {row["study"]: row for row in study_rows}
+    table["sr_path"] = [extra.get(s, {}).get("sr_path", "") for s in table["study"]]
+    table["stow"] = [extra.get(s, {}).get("stow", "") for s in table["study"]]
     return DicomwebResult(scores=scores, studies=table, n_stored=n_stored, failed_studies=failed_studies)
 
 

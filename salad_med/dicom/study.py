@@ -238,7 +238,7 @@ def triage_studies(df: pd.DataFrame, output: str | os.PathLike, how: str = "max"
         df["study_instance_uid"] = keys["study_instance_uid"].to_numpy()
     srs = write_study_srs(df, output / "study_sr", how, **kwargs) if len(df) else {}
     table = aggregate_studies(df, how=how)
-    table["sr_path"] = table["study_instance_uid"].map(srs).fillna("")
+    table["sr_path"] = [srs.get(str(u), "") for u in table["study_instance_uid"]]
     output.mkdir(parents=True, exist_ok=True)
     write_studies_csv(table, output / "studies.csv")
     return table
