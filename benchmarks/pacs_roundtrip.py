@@ -14,7 +14,8 @@ latency per image (Orthanc acknowledged the image to storescu -> Orthanc acknowl
 node; median and p95), lost (images without an SR in Orthanc) and duplicates (SRs beyond one per image),
 both counted from the archive's own contents. Exit code 1 when anything is lost or duplicated.
 
-Without ``--run`` a tiny conv6 run (32x32) is trained first on 24 phantoms (seconds on a CPU).
+Without ``--run`` a small conv6 run (32x32) is trained first on 24 phantoms (seconds on a CPU), as
+``benchmarks.node_throughput`` does.
 :func:`run_roundtrip` is what ``tests/salad_med/dicom/test_orthanc.py`` runs at a smaller size.
 """
 
@@ -35,28 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.node_throughput import _train_run
+
 ACK_RE = re.compile(r"Received Store Response \((Success|Warning)")
 SEND_RE = re.compile(r"Sending file: (.+)$")
-
-
-def train_tiny_run(root: Path) -> Path:
-    """The tests' tiny DICOM run (conv6, 32x32, 24 phantoms)."""
-    from salad_med.config import load_config
-    from salad_med.engine.trainer import train_from_manifest
-    from salad_med.synthetic.phantom import write_dicom_tree
-
-    files = write_dicom_tree(root / "train_dicom", n=24, seed=1, size=(96, 96))
-    split = files[["image_id", "source_path", "patient_id", "body_part", "study", "label"]].copy()
-    split["split"] = ["train"] * 12 + ["val"] * 8 + ["train"] * 4
-    split["group_id"] = split["patient_id"]
-    split["known_anomaly"] = False
-    split.to_csv(root / "split.csv", index=False)
-    overrides = ["data.dataset=nih", "data.image_size=32", "preprocess.size=32", "model.base_channels=4",
-                 "model.latent_dim=16", "train.batch_size=8", "train.rounds=1", "train.k=4", "score.k=4",
-                 "data.dataset=dicom", "preprocess.detect_carrier=false", "preprocess.segment=false", "train.lr=0.01",
-                 "train.pretrain_epochs=4", "train.epochs_per_round=2"]
-    train_from_manifest(load_config("demo", overrides), root / "split.csv", root / "run")
-    return root / "run"
 
 
 def make_instances(root: Path, senders: int, per_sender: int, size: int = 64, seed: int = 3) -> list[list[Path]]:
@@ -77,9 +60,10 @@ def make_instances(root: Path, senders: int, per_sender: int, size: int = 64, se
         files = []
         for j in range(per_sender):
             ds = datasets[j % len(datasets)]
-            ds.StudyInstanceUID = generate_uid(entropy_srcs=[root.name, str(seed), "study", str(s), str(j // 2)])
-            ds.SeriesInstanceUID = generate_uid(entropy_srcs=[root.name, str(seed), "series", str(s), str(j)])
-            uid = generate_uid(entropy_srcs=[root.name, str(seed), "sop", str(s), str(j)])
+            # one string with separators: pydicom joins entropy sources without one ("1", "12" == "11", "2")
+            ds.StudyInstanceUID = generate_uid(entropy_srcs=[f"{root}|{seed}|study|{s}|{j // 2}"])
+            ds.SeriesInstanceUID = generate_uid(entropy_srcs=[f"{root}|{seed}|series|{s}|{j}"])
+            uid = generate_uid(entropy_srcs=[f"{root}|{seed}|sop|{s}|{j}"])
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
             path = root / "send" / f"s{s:02d}" / f"{j:04d}.dcm"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +182,8 @@ def _forwarded_times(audit: Path) -> dict[str, float]:
 
 
 def run_roundtrip(run_dir: Path, root: Path, *, senders: int = 20, per_sender: int = 50, size: int = 64,
-                  kill_at: float | None = None, timeout: float = 600.0, log=print) -> dict:
+                  kill_at: float | None = None, timeout: float = 600.0, stall_s: float = 120.0,
+                  log=print) -> dict:
     """Send ``senders`` x ``per_sender`` images through Orthanc -> node -> Orthanc and count the SRs.
 
     Args:
@@ -208,6 +193,7 @@ def run_roundtrip(run_dir: Path, root: Path, *, senders: int = 20, per_sender: i
         size: phantom size in pixels.
         kill_at: SIGKILL the node once this fraction of the images is scored, then restart it.
         timeout: seconds for the whole run.
+        stall_s: stop waiting when the archive has not changed for this long after the last send.
 
     Returns:
         Figures (``images``, ``images_per_s``, ``latency_median_s``, ``latency_p95_s``, ``lost``,
@@ -234,6 +220,7 @@ def run_roundtrip(run_dir: Path, root: Path, *, senders: int = 20, per_sender: i
         killed_at = None
         import requests
 
+        last_count, last_change = -1, time.time()
         while time.time() < deadline:
             if kill_at is not None and killed_at is None and _results_rows(root / "node" / "results.csv") >= kill_at * n:
                 node.stop(kill=True)
@@ -241,8 +228,14 @@ def run_roundtrip(run_dir: Path, root: Path, *, senders: int = 20, per_sender: i
                 log(f"  node killed (SIGKILL) after {_results_rows(root / 'node' / 'results.csv')} of {n} scored")
                 node.start()
                 log(f"  node back after {time.time() - killed_at:.1f} s")
-            stats = requests.get(f"{orthanc.url}/statistics", timeout=30).json()
-            if int(stats["CountInstances"]) >= 2 * n and all(not t.is_alive() for t in threads):
+            count = int(requests.get(f"{orthanc.url}/statistics", timeout=30).json()["CountInstances"])
+            senders_done = all(not t.is_alive() for t in threads)
+            if count >= 2 * n and senders_done:
+                break
+            if count != last_count:
+                last_count, last_change = count, time.time()
+            elif senders_done and time.time() - last_change > stall_s:
+                log(f"  no new instance in Orthanc for {stall_s:.0f} s: counting what arrived")
                 break
             time.sleep(0.2)
         end = time.time()
@@ -297,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="pacs_roundtrip-") as tmp:
         tmp = Path(tmp)
-        run_dir = args.run or train_tiny_run(tmp / "train")
+        run_dir = args.run or _train_run(tmp / "train", 32, [])
         rows = {}
         for name, kill in (("steady", None), ("node killed", args.kill_at)):
             print(f"{name}: {args.senders} associations x {args.per_sender} images", flush=True)

@@ -846,7 +846,8 @@ class ScoringNode:
                        raw_scores=[e[1] for e in entries], out_of_distribution=[e[2] for e in entries],
                        how=s.study_aggregate, algorithm_name=s.algorithm_name, algorithm_version=s.algorithm_version,
                        algorithm_parameters=s.algorithm_parameters or None, sop_instance_uid=sr_uid,
-                       series_instance_uid=generate_uid(entropy_srcs=[study, "salad-med study SR", s.algorithm_name]),
+                       series_instance_uid=generate_uid(
+                           entropy_srcs=[f"{study}|salad-med study SR|{s.algorithm_name}"]),  # one series per study
                        previous_versions=previous)
         link = self._link_outbox(path, f"{_STUDY_PREFIX}{study}.dcm") if s.forward is not None else None
         raws = [e[1] for e in entries if e[1] is not None]
@@ -888,15 +889,18 @@ class ScoringNode:
             self._forward_queue.put(target)
 
     def _forward_loop(self) -> None:
-        sweep = self.settings.forward_sweep_s or None
+        sweep = self.settings.forward_sweep_s
+        next_sweep = time.monotonic() + sweep
         while True:
-            try:
-                item = self._forward_queue.get(timeout=sweep)
-            except queue.Empty:
+            if sweep and time.monotonic() >= next_sweep:  # busy or idle: failed SRs get another chance
+                next_sweep = time.monotonic() + sweep
                 try:
                     self._sweep_forward_failed()
                 except OSError:
                     _log.exception("cannot move forward_failed/ SRs back to the outbox")
+            try:
+                item = self._forward_queue.get(timeout=max(0.01, next_sweep - time.monotonic()) if sweep else None)
+            except queue.Empty:
                 continue
             if item is _STOP:
                 self._forward_queue.task_done()

@@ -57,6 +57,7 @@ from salad_med.log import get_logger
 __all__ = [
     "DEFAULT_ROUTE_PASSWORD_ENV",
     "OrthancRouter",
+    "OrthancUnreachable",
     "LocalOrthanc",
     "ArchiveInventory",
     "archive_inventory",
@@ -72,6 +73,10 @@ DEFAULT_ROUTE_PASSWORD_ENV = "SALAD_MED_ORTHANC_PASSWORD"
 _log = get_logger("orthanc")
 _PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc", "/usr/local/share/orthanc/plugins",
                 "/usr/lib/x86_64-linux-gnu/orthanc", "/usr/lib/aarch64-linux-gnu/orthanc")
+
+
+class OrthancUnreachable(SaladMedError):
+    """Orthanc's REST API does not answer (it may be restarting)."""
 
 
 class _Unavailable(Exception):
@@ -145,14 +150,15 @@ class OrthancRouter:
         """Fail clearly when Orthanc cannot be reached, refuses the credentials or lacks the modality.
 
         Raises:
-            SaladMedError: unreachable, HTTP 401/403, or ``modality`` not declared in ``DicomModalities``.
+            OrthancUnreachable: no answer (Orthanc down or restarting).
+            SaladMedError: HTTP 401/403, or ``modality`` not declared in ``DicomModalities``.
         """
         try:
             system = self._get("/system")
             modalities = self._get("/modalities")
         except _Unavailable as err:
             msg = f"{self.url}: cannot reach Orthanc's REST API ({err})"
-            raise SaladMedError(msg) from None
+            raise OrthancUnreachable(msg) from None
         if system is None or modalities is None:
             msg = f"{self.url}: not an Orthanc REST API (no /system)"
             raise SaladMedError(msg)
@@ -174,8 +180,7 @@ class OrthancRouter:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> OrthancRouter:
-        """Check Orthanc, then follow its change log in a thread."""
-        self.check()
+        """Follow Orthanc's change log in a thread (call :meth:`check` first to fail early on bad settings)."""
         self.node.study_hold = self.is_behind
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="salad-orthanc-route", daemon=True)

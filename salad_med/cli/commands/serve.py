@@ -35,10 +35,13 @@ def run_node(run_dir: Path, settings, stop_event: threading.Event | None = None,
 
     router = None
     if route:
-        from salad_med.dicom.orthanc import OrthancRouter
+        from salad_med.dicom.orthanc import OrthancRouter, OrthancUnreachable
 
         router = OrthancRouter(node=node, **route)
-        router.check()  # unreachable archive, bad credentials, undeclared modality: fail before listening
+        try:
+            router.check()  # bad credentials, undeclared modality: fail before listening
+        except OrthancUnreachable as err:  # Orthanc restarting too: start anyway, the router retries
+            log.warning("%s; routing starts when it answers", err)
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         node.start()

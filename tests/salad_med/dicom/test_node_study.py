@@ -39,7 +39,7 @@ def files(tiny_dicom_run):
 class Archive:
     """A pynetdicom Storage SCP standing for the PACS the node forwards to; keeps what it receives."""
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.received: list[pydicom.Dataset] = []
         ae = AE(ae_title="ARCHIVE")
         ae.add_supported_context(ComprehensiveSRStorage)
@@ -50,7 +50,7 @@ class Archive:
             self.received.append(ds)
             return 0x0000
 
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
         self.port = self.server.server_address[1]
 
     def image_srs(self):
@@ -83,9 +83,10 @@ def _send(port: int, paths) -> None:
         assoc.release()
 
 
-def _node(out: Path, run_model, archive: Archive, **kwargs) -> ScoringNode:
+def _node(out: Path, run_model, archive: Archive | int, **kwargs) -> ScoringNode:
+    port = archive if isinstance(archive, int) else archive.port
     settings = NodeSettings(output_dir=out, allowed_aets=("PACS",), host="127.0.0.1", port=0, batch_size=4,
-                            forward=ForwardTarget("127.0.0.1", archive.port, "ARCHIVE"), forward_backoff_s=0.1,
+                            forward=ForwardTarget("127.0.0.1", port, "ARCHIVE"), forward_backoff_s=0.1,
                             **kwargs)
     return ScoringNode(settings, run_model.score_paths).start()
 
@@ -208,3 +209,25 @@ def test_study_settings_are_checked(tmp_path):
         NodeSettings(output_dir=tmp_path, allowed_aets=("PACS",), study_aggregate="median")
     with pytest.raises(ConfigError, match="study_quiet_s"):
         NodeSettings(output_dir=tmp_path, allowed_aets=("PACS",), study_quiet_s=-1)
+
+
+def test_srs_that_failed_to_forward_are_sent_once_the_archive_is_back(tmp_path, run_model, files):
+    """The archive down for longer than the retries: the SR waits in forward_failed/ and is swept back into
+    the outbox every forward_sweep_s, without a node restart."""
+    from salad_med.dicom.orthanc import free_port
+
+    port = free_port()
+    node = _node(tmp_path / "node", run_model, port, forward_retries=0, forward_sweep_s=0.5)
+    archive = None
+    try:
+        _send(node.port, files.source_path[:1])
+        assert _wait(lambda: len(list((tmp_path / "node" / "forward_failed").glob("*.dcm"))) == 1, 60)
+        archive = Archive(port)
+        assert _wait(lambda: len(archive.received) == 1, 30)
+        time.sleep(1.2)  # two more sweeps: nothing is sent twice
+    finally:
+        node.stop()
+        if archive is not None:
+            archive.close()
+    assert [r.referenced_sop_instance_uid for r in archive.image_srs()] == [files.sop_instance_uid[0]]
+    assert not list((tmp_path / "node" / "forward_failed").iterdir())

@@ -22,6 +22,7 @@ from salad_med.dicom.node import ForwardTarget, NodeSettings, ScoringNode, read_
 from salad_med.dicom.orthanc import (
     LocalOrthanc,
     OrthancRouter,
+    OrthancUnreachable,
     archive_inventory,
     free_port,
     lua_route_script,
@@ -228,7 +229,7 @@ def test_router_refuses_unknown_modality_and_bad_credentials(run_model, tmp_path
         OrthancRouter(orthanc.url, "other", node, good).check()  # control: right modality and password
     finally:
         orthanc.stop()
-    with pytest.raises(SaladMedError, match="cannot reach"):
+    with pytest.raises(OrthancUnreachable, match="cannot reach"):
         OrthancRouter(orthanc.url, "other", node, good).check()  # Orthanc stopped
 
 
