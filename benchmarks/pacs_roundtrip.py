@@ -14,7 +14,7 @@ latency per image (Orthanc acknowledged the image to storescu -> Orthanc acknowl
 node; median and p95), lost (images without an SR in Orthanc) and duplicates (SRs beyond one per image),
 both counted from the archive's own contents. Exit code 1 when anything is lost or duplicated.
 
-Without ``--run`` a small conv6 run (32x32) is trained first on 24 phantoms (seconds on a CPU), as
+Without ``--run`` a small conv6 run (32x32 input) is trained first on 24 phantoms (seconds on a CPU), as
 ``benchmarks.node_throughput`` does.
 :func:`run_roundtrip` is what ``tests/salad_med/dicom/test_orthanc.py`` runs at a smaller size.
 """
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="pacs_roundtrip-") as tmp:
         tmp = Path(tmp)
-        run_dir = args.run or _train_run(tmp / "train", 32, [])
+        run_dir = args.run or _train_run(tmp / "train", 64, ["data.image_size=32", "preprocess.size=32"])
         rows = {}
         for name, kill in (("steady", None), ("node killed", args.kill_at)):
             print(f"{name}: {args.senders} associations x {args.per_sender} images", flush=True)

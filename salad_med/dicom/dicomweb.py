@@ -427,10 +427,12 @@ def score_dicomweb(model, client, output: str | os.PathLike, *, study_uids: Sequ
                         [local[i] for i in ok.index], ok["score"].tolist(), output / "study_sr" / f"{study}.dcm",
                         raw_scores=ok["raw_score"].tolist(), out_of_distribution=ok["ood"].astype(bool).tolist(),
                         how=how, previous_versions=previous or None, **kwargs))
+                study_stow = ""
                 if stow:
-                    n_stored += _stow_study(client, df, study_sr, existing_images, existing_studies, read_study_sr)
-                study_rows.append({"study": study, "sr_path": study_sr,
-                                   "stow": df.attrs.get("study_stow", "")})
+                    stored, study_stow = _stow_study(client, df, study_sr, existing_images, existing_studies,
+                                                     read_study_sr)
+                    n_stored += stored
+                study_rows.append({"study": study, "sr_path": study_sr, "stow": study_stow})
                 frames.append(df)
             if rows:
                 frames.append(pd.DataFrame(rows))
@@ -461,8 +463,8 @@ def _fatal(err: SaladMedError) -> bool:
 
 
 def _stow_study(client, df: pd.DataFrame, study_sr: str, existing_images: dict[str, str],
-                existing_studies: list, read_study_sr) -> int:
-    """STOW the study's new SRs; fills ``df["stow"]`` and ``df.attrs["study_stow"]``; returns the count stored."""
+                existing_studies: list, read_study_sr) -> tuple[int, str]:
+    """STOW the study's new SRs; fills ``df["stow"]``; returns (SRs stored, the study SR's stow state)."""
     todo = []
     for i, row in df.iterrows():
         if not row["sr_path"]:
@@ -488,5 +490,4 @@ def _stow_study(client, df: pd.DataFrame, study_sr: str, existing_images: dict[s
     if study_state == "todo":
         study_state = "stored" if results.get(study_sr) == "" else f"failed: {results.get(study_sr)}"
         stored += study_state == "stored"
-    df.attrs["study_stow"] = study_state
-    return stored
+    return stored, study_state

@@ -30,7 +30,7 @@ def score_inputs(run: Path, inputs: list[Path], output: Path, checkpoint: str = 
     abnormal raw score), one DICOM SR per DICOM input under ``output/sr``, the study ranking
     ``output/studies.csv`` with one study SR per DICOM study under ``output/study_sr``
     (:func:`salad_med.dicom.study.triage_studies`) and the run's resolved ``output/config.yaml``;
-    returns the DataFrame (``df.attrs["studies"]``: the study table)."""
+    returns the DataFrame."""
     from salad_med.dicom.sr import write_score_srs
     from salad_med.dicom.study import triage_studies
     from salad_med.evaluation.inference import load_run
@@ -38,9 +38,8 @@ def score_inputs(run: Path, inputs: list[Path], output: Path, checkpoint: str = 
     model = load_run(run, checkpoint)
     df = model.score_paths(inputs)
     df["sr_path"] = write_score_srs(df, output / "sr")
-    studies = triage_studies(df, output, study_score)
+    triage_studies(df, output, study_score)
     _write_scores(df, output, model)
-    df.attrs["studies"] = studies
     return df
 
 
@@ -63,7 +62,6 @@ def score_archive(run: Path, url: str, output: Path, auth, *, study_uids: list[s
                             algorithm_parameters=[f"run={Path(run).resolve().name}"])
     _write_scores(result.scores, output, model)
     write_studies_csv(result.studies, output / "studies.csv")
-    result.scores.attrs["studies"] = result.studies
     return result
 
 
@@ -108,6 +106,8 @@ def score(
     Exit code 0 when at least one input was scored, 1 when none could be, 2 for bad options.
     """
     with cli_errors():
+        import pandas as pd
+
         from salad_med.errors import ConfigError, DataError
 
         if study_score not in ("max", "mean"):
@@ -143,8 +143,8 @@ def score(
         if n_ood:
             typer.secho(f"warning: {n_ood} image(s) out of distribution: their scores should not be trusted",
                         err=True, fg="yellow")
-        studies = df.attrs.get("studies")
-        if studies is not None and len(studies):
+        studies = pd.read_csv(output / "studies.csv", dtype={"study": str}) if len(df) else []
+        if len(studies):
             typer.echo(f"{len(studies)} studies ranked by {study_score} image score in {output / 'studies.csv'}; "
                        f"most abnormal: {studies['study'].iloc[0]} ({studies['score'].iloc[0]:.3f})")
         if dicomweb and stow:
