@@ -85,6 +85,8 @@ ANOMALY_MAP = Code("1005", SALAD_SCHEME, "Anomaly map")
 #: UCUM dimensionless unit.
 NO_UNITS = codes.UCUM.NoUnits
 DEFAULT_SERIES_DESCRIPTION = "SALAD anomaly score - not for clinical use"
+# code value of the study score (salad_med.dicom.study): an SR holding it is not a per-image SR
+_STUDY_SCORE_CODE = "1005"
 _TRACKING_ID = "SALAD anomaly score"
 # highdicom quotes the patient name in this warning, pydicom's value checks may quote values: never let
 # PHI reach a log
@@ -392,6 +394,9 @@ def read_score_sr(path_or_dataset: Dataset | str | os.PathLike) -> ScoreReport:
             value = item.ConceptCodeSequence[0]
             codes_found.add((concept, (value.CodeValue, value.CodingSchemeDesignator)))
     key = (ANOMALY_SCORE.value, ANOMALY_SCORE.scheme_designator)
+    if (_STUDY_SCORE_CODE, SALAD_SCHEME) in values:  # salad_med.dicom.study.STUDY_ANOMALY_SCORE
+        msg = f"{name}: a salad-med study SR, not a per-image SR (read it with salad_med.dicom.study.read_study_sr)"
+        raise DataError(msg)
     if key not in values or ref is None:
         msg = f"{name}: not a salad-med score SR (no {ANOMALY_SCORE.meaning!r} measurement or image reference)"
         raise DataError(msg)

@@ -17,6 +17,11 @@ per body part, the per-anomaly-type table (when the manifest has an ``anomaly`` 
 ``anomaly_types`` is given), the top 24 / bottom 12 images and the threshold's errors with their anomaly
 maps, the training curves and the resolved config.
 
+When the manifest has a ``study`` column (MURA labels are per study), the images are also grouped by study
+(``patient_id/body_part/study``, :func:`salad_med.dicom.study.manifest_study_keys`) and measured at study
+level beside the image level: study score = max (default) or mean of its images' raw scores, study label =
+abnormal when any of its images is.
+
 Example:
     >>> result = evaluate_run("runs/demo", "test")
     >>> result["auc"], result["auc_ci95"]
@@ -35,8 +40,12 @@ import pandas as pd
 
 from salad_med.errors import DataError
 from salad_med.evaluation.inference import load_run
+from salad_med.log import get_logger
 
-__all__ = ["evaluate_run", "group_metrics", "anomaly_type_metrics", "choose_threshold", "THRESHOLD_RULE"]
+__all__ = ["evaluate_run", "group_metrics", "anomaly_type_metrics", "choose_threshold", "study_metrics",
+           "THRESHOLD_RULE"]
+
+log = get_logger("evaluate")
 
 #: How the operating point is chosen (recorded in ``metrics.json``).
 THRESHOLD_RULE = "Youden's J (sensitivity + specificity - 1) maximised on the validation raw scores"
@@ -112,16 +121,54 @@ def choose_threshold(val: pd.DataFrame, evaluated: pd.DataFrame, split: str, cal
             split: confusion_at(evaluated["label"], evaluated["raw_score"], t.threshold)}
 
 
+def study_metrics(scores: pd.DataFrame, keys: pd.Series, *, how: str = "max", n_boot: int = 1000, seed: int = 0,
+                  what: str = "study scores") -> tuple[dict[str, Any] | None, pd.DataFrame]:
+    """Study-level AUC/AUPRC (bootstrap 95 % CIs over studies) of labelled image scores.
+
+    Args:
+        scores: image table with ``image_id``, ``label`` (0/1), ``score``, ``raw_score``.
+        keys: the study key of each row (aligned with ``scores``).
+        how: ``max`` or ``mean`` of the raw image scores.
+        n_boot, seed: bootstrap replicates and seed.
+        what: how the scores are named in a no-spread error.
+
+    Returns:
+        ``(metrics, studies)``: metrics is None when the studies hold one class only; ``studies`` is the
+        ranked table of :func:`salad_med.dicom.study.aggregate_studies` with the study ``label``.
+
+    Raises:
+        DegenerateScoreError: the study scores have no spread.
+    """
+    from salad_med.dicom.study import aggregate_studies
+    from salad_med.evaluation.metrics import auc, auprc, bootstrap_ci
+    from salad_med.scoring.calibration import check_spread
+
+    table = scores.assign(study=keys.to_numpy(), status="ok")
+    studies = aggregate_studies(table, how=how)
+    y = studies["label"].astype(int).to_numpy()
+    s = studies["raw_score"].to_numpy(dtype=float)
+    if len(set(y.tolist())) < 2:
+        return None, studies
+    check_spread(s, what)
+    metrics = {"aggregate": how, "n": len(studies), "n_abnormal": int((y == 1).sum()), "n_normal": int((y == 0).sum()),
+               "images_per_study": float(len(table) / len(studies)),
+               "auc": auc(y, s), "auc_ci95": list(bootstrap_ci(y, s, "auc", n_boot=n_boot, seed=seed)),
+               "auprc": auprc(y, s), "auprc_ci95": list(bootstrap_ci(y, s, "auprc", n_boot=n_boot, seed=seed))}
+    return metrics, studies
+
+
 def evaluate_run(run_dir: str | os.PathLike, split: str = "test", output: str | os.PathLike | None = None, *,
                  manifest: str | os.PathLike | None = None, checkpoint: str = "best", n_boot: int = 1000,
                  seed: int = 0, plots: bool = True, report: bool = True, map_kind: str | None = "auto",
-                 anomaly_types: Mapping[str, str] | None = None) -> dict[str, Any]:
+                 anomaly_types: Mapping[str, str] | None = None, study_score: str = "max") -> dict[str, Any]:
     """Score one split of the run's manifest and measure AUC/AUPRC with bootstrap 95 % CIs.
 
     Writes to ``output`` (default ``RUN_DIR/eval-<split>``): ``metrics.json``, ``scores.csv``
     (image_id, body_part, label, score, raw_score, rank), ``per_body_part.csv``, ``per_anomaly.csv``
     (when anomaly types are known), ``config.yaml`` (the run's resolved config), ``roc.png``,
-    ``pr.png`` and ``report.html``.
+    ``pr.png`` and ``report.html``; with a ``study`` column in the manifest also ``studies.csv`` (ranked
+    studies with their label) and ``metrics.json["study"]`` (study-level AUC and AUPRC with CIs; ``null``
+    when the studies hold one class only).
 
     Args:
         run_dir: the training run.
@@ -138,6 +185,7 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "test", output: str | 
             forward passes per shown image, up to 84 images).
         anomaly_types: ``{image_id: anomaly type}`` for the per-anomaly-type table (default: the
             manifest's ``anomaly`` column when it has one).
+        study_score: study-level score, ``max`` or ``mean`` of the image raw scores.
 
     Returns:
         The ``metrics.json`` content (plus ``"per_body_part"`` rows and ``"output"``).
@@ -213,6 +261,19 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "test", output: str | 
                                            n_boot=min(n_boot, 1000), seed=seed)
         result["per_anomaly"] = json.loads(per_anomaly.to_json(orient="records"))
     out.mkdir(parents=True, exist_ok=True)
+    from salad_med.dicom.study import manifest_study_keys, write_studies_csv
+
+    keys = manifest_study_keys(ds.rows)
+    result["study"] = None
+    if keys is not None:
+        mask = scores["label"].isin([0, 1]).to_numpy()
+        result["study"], studies = study_metrics(labelled, keys[mask], how=study_score, n_boot=n_boot, seed=seed,
+                                                 what=f"{split} study scores of {model.checkpoint_path}")
+        write_studies_csv(studies, out / "studies.csv")
+        if result["study"] is not None:
+            st = result["study"]
+            log.info("study level (%s over images, %d studies, %d abnormal): AUC %.4f [95%% CI %.4f-%.4f], "
+                     "AUPRC %.4f", study_score, st["n"], st["n_abnormal"], st["auc"], *st["auc_ci95"], st["auprc"])
     with atomic_path(out / "scores.csv") as tmp:
         scores.to_csv(tmp, index=False, float_format="%.8g")
     with atomic_path(out / "per_body_part.csv") as tmp:
