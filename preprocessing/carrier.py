@@ -646,7 +646,8 @@ class _Detector:
         if homogeneity < p.min_homogeneity or crossing > 0.003 * self.g.size:
             self._reject(n, c, f"homogeneity {homogeneity:.2f}, {crossing} px of structure crossing")
             return None
-        _, bone_px, _ = self._objects(self.bony & (proj > margin), band)
+        depth = min(margin, 0.5 * float(proj.max()))  # a thin exterior (a band) is checked to 2.5 px of its border
+        _, bone_px, _ = self._objects(self.bony & (proj > max(depth, 2.5)), band)
         if bone_px > 0.002 * self.g.size:  # bone-like texture beyond the border: anatomy, never crop it
             self._reject(n, c, f"{bone_px} px of bone-like structure outside")
             return None
