@@ -17,7 +17,7 @@ box-downsampled working copy (long side ``work_size``, default 256), Gaussian-sm
 3. **Background per field** (:func:`_field_background`): the grey level of the most populous dark
    histogram peak, kept where it connects to the field's border (air reaches the frame; dark anatomy
    such as lungs does not), then a smooth surface fitted to it (a quadratic trend for the heel effect
-   plus a normalised convolution for local variation) and re-selected five times, so the background
+   plus a normalised convolution for local variation) and re-selected three times, so the background
    follows its gradient. A field whose "background" is as textured as anatomy has none: the body fills
    it (an infant filling the frame, a chest).
 4. **Body** = hysteresis on the contrast to that surface: low ``max(4 sigma, 0.012) + 0.005``, high
@@ -332,7 +332,7 @@ def _dark_peak(v: np.ndarray, min_mass: float = 0.03) -> float | None:
     return float(centre[dark[np.argmax(mass[dark])]])
 
 
-def _field_background(g: np.ndarray, field: np.ndarray, noise: float, iterations: int = 4
+def _field_background(g: np.ndarray, field: np.ndarray, noise: float, iterations: int = 3
                       ) -> tuple[np.ndarray, float, np.ndarray] | None:
     """Background of one exposure field: surface ``B``, noise ``sigma`` and the background pixels.
 
