@@ -164,30 +164,44 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright: np.ndarray, ceiling: f
     of such lines is a strip when it ends at background level within ``max_width`` of the side.
     """
     h, w = g.shape
-    step, cc, inside = _line_samples(h, w)  # (S, R, W) columns of every tilted line, every step-th row
+    step, cc_all, inside_all = _line_samples(h, w)  # (S, R, W) columns of every tilted line, every step-th row
     rows = np.arange(0, h, step)[None, :, None]
-    n_rows = cc.shape[1]
+    n_rows = cc_all.shape[1]
+    max_d = max(2, int(max_width * w))
+    # only lines that can matter: near the frame sides, or within reach of a possible core (a line
+    # that is bright on >= 10 % of its length untilted; a tilted core drifts <= 0.08 h / 2)
+    reach = max_d + 7 + int(0.04 * h)
+    cand = (bright[::step].mean(axis=0) >= 0.1)
+    cand = ndi.maximum_filter1d(cand.view(np.uint8), 2 * reach + 1).astype(bool)
+    cand[: max_d + 7] = True
+    cand[w - max_d - 7:] = True
+    sel = np.flatnonzero(cand)
+    cc, inside = cc_all[:, :, sel], inside_all[:, :, sel]
     ok = inside & valid[rows, cc]
-    n_ok = np.maximum(ok.sum(axis=1), 1)  # (S, W)
+    n_ok = np.maximum(ok.sum(axis=1), 1)  # (S, Wc)
     v = g[rows, cc]
     k = n_rows // 2
-    meds = np.partition(np.where(ok, v, -1.0), k, axis=1)[:, k, :]  # invalid samples sort first (few)
-    uni = (ok & (np.abs(v - meds[:, None, :]) <= tol)).sum(axis=1) / n_ok
-    spans = ok.sum(axis=1) / float(n_rows)
+    n_s = len(_SHEARS)
+    meds = np.full((n_s, w), -1.0)
+    uni, spans, brights = np.zeros((n_s, w)), np.zeros((n_s, w)), np.zeros((n_s, w))
+    reaches = np.zeros((n_s, w), dtype=bool)
+    med = np.partition(np.where(ok, v, -1.0), k, axis=1)[:, k, :]  # invalid samples sort first (few)
+    meds[:, sel] = med
+    uni[:, sel] = (ok & (np.abs(v - med[:, None, :]) <= tol)).sum(axis=1) / n_ok
+    spans[:, sel] = ok.sum(axis=1) / float(n_rows)
     end = max(2, n_rows // 16)  # a band runs from frame to frame: no background at either end
-    reaches = (v[:, :end].mean(axis=1) > ceiling) & (v[:, -end:].mean(axis=1) > ceiling)
+    reaches[:, sel] = (v[:, :end].mean(axis=1) > ceiling) & (v[:, -end:].mean(axis=1) > ceiling)
     lit = ok & bright[rows, cc]
     n_lit = lit.sum(axis=1)
     lit_mean = np.where(lit, v, 0.0).sum(axis=1) / np.maximum(n_lit, 1)  # the bright samples agree:
     agree = (lit & (np.abs(v - lit_mean[:, None, :]) <= _CORE_TOL)).sum(axis=1) >= _CORE_AGREE * n_lit
-    brights = np.where(agree, n_lit / n_ok, 0.0)  # a cast or a bone varies along its length
+    brights[:, sel] = np.where(agree, n_lit / n_ok, 0.0)  # a cast or a bone varies along its length
     best = np.argmax(uni - 0.01 * np.abs(np.asarray(_SHEARS))[:, None], axis=0)  # ties: the least tilt
     at = np.arange(w)
     uniform, med, span = uni[best, at], meds[best, at], spans[best, at]
     core_k = np.argmax(brights, axis=0)
     core = (brights[core_k, at] >= min_bright) & (spans[core_k, at] >= min_span) & reaches[core_k, at]
     shear_of = np.where(core, core_k, best)
-    max_d = max(2, int(max_width * w))
 
     def extend(x: int, step: int, band: np.ndarray, gap: int = 5) -> bool:
         """Mark lines from ``x`` outwards; True when the run ends at background level (when it ends in
@@ -352,9 +366,17 @@ def _field_background(g: np.ndarray, field: np.ndarray, noise: float, iterations
     peak = _dark_peak(v)
     if peak is None:
         return None
-    edge = field & ~_shrink(field, 1)
-    bg = field & (np.abs(g - peak) <= 0.06)  # darker outliers (a dark strip beyond a border) not included
+    h, w = g.shape
+    half = min(h, w) >= 128  # the surface is slow: find it on a 2x box-reduced copy, then map it back
+    gs = _block_sums(g, 2) / 4.0 if half else g
+    fs = (_block_sums(field.astype(np.float32), 2) >= 4.0) if half else field  # blocks fully inside
+    if half and (h % 2 or w % 2):  # edge blocks padded with zeros are not in the field
+        fs[-1:, :] &= h % 2 == 0
+        fs[:, -1:] &= w % 2 == 0
+    edge = fs & ~_shrink(fs, 1)
+    bg = fs & (np.abs(gs - peak) <= 0.06)  # darker outliers (a dark strip beyond a border) not included
     sigma = 0.01
+    surface = gs
     for it in range(iterations):
         lab, n = ndi.label(bg)
         if n == 0:
@@ -363,13 +385,19 @@ def _field_background(g: np.ndarray, field: np.ndarray, noise: float, iterations
         touching[lab[edge & bg]] = True
         touching[0] = False
         bg = touching[lab]
-        if bg.sum() < max(30, 0.005 * field.sum()):
+        if bg.sum() < max(8, 0.005 * fs.sum()):
             return None
-        surface = _smooth_background(g, bg)
-        resid = (g - surface)[bg]
+        surface = _smooth_background(gs, bg)
+        resid = (gs - surface)[bg]
         sigma = max(1.4826 * float(np.median(np.abs(resid - np.median(resid)))), 0.003)
         if it < iterations - 1:
-            bg = field & (np.abs(g - surface) <= max(3.0 * sigma, 0.03))
+            bg = fs & (np.abs(gs - surface) <= max(3.0 * sigma, 0.03))
+    if half:
+        surface = _bilinear_up(surface, h, w, 2)
+        bg = field & (np.abs(g - surface) <= max(3.0 * sigma, 0.03)) & np.repeat(np.repeat(bg, 2, 0), 2, 1)[:h, :w]
+        resid = (g - surface)[bg]
+        if resid.size >= 8:  # the spread on the working grid (block means are less noisy)
+            sigma = max(1.4826 * float(np.median(np.abs(resid - np.median(resid)))), 0.003)
     if sigma > 4.0 * noise + 0.01:
         return None
     return surface, sigma, bg
