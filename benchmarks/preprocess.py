@@ -114,7 +114,7 @@ def _pool_start(workers: int, size: int, options: dict) -> float:
 
 def _work_rss(task: tuple[str, str, str, str]) -> float:
     """Preprocess one input in a pool worker; return the worker's peak resident memory (MiB)."""
-    from salad_med.preprocess_job import _work
+    from salad_med.data.preprocess_job import _work
 
     _work(task)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
@@ -122,7 +122,7 @@ def _work_rss(task: tuple[str, str, str, str]) -> float:
 
 def _memory(files: list[tuple[str, Path]], workers: int, size: int, out: Path, options: dict) -> float:
     """Largest peak RSS (MiB) of the ``workers`` pool processes over all files."""
-    from salad_med.preprocess_job import _init_worker, _pool_context
+    from salad_med.data.preprocess_job import _init_worker, _pool_context
 
     tasks = [(f"m{i}", str(p), str(out / f"m{i}.png"), str(out / f"m{i}_mask.png")) for i, (_, p) in enumerate(files)]
     with _pool_context().Pool(workers, initializer=_init_worker, initargs=("folder", size, options, 8)) as pool:

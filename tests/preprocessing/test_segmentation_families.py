@@ -14,7 +14,7 @@ import pytest
 
 from preprocessing.carrier import detect_carrier
 from preprocessing.segmentation import segment_body_part
-from salad_med.synthetic import PhantomSpec, make_phantom
+from salad_med.synthetic.phantom import PhantomSpec, make_phantom
 
 
 def _normalize(img: np.ndarray) -> np.ndarray:
