@@ -43,7 +43,7 @@ from pydicom.sr.codedict import codes
 
 from preprocessing.atomic import atomic_path
 from salad_med import __version__
-from salad_med.dicom.sr import ANOMALY_MAP, _load_header, quiet_phi_warnings
+from salad_med.dicom.sr import ANOMALY_MAP, load_header, quiet_phi_warnings
 from salad_med.errors import DataError
 
 __all__ = ["MAP_SERIES_DESCRIPTION", "MAP_LEVELS", "MapReport", "build_map_segmentation",
@@ -127,7 +127,7 @@ def build_map_segmentation(
         ValueError: ``amap`` is not 2-D or not finite.
     """
     with quiet_phi_warnings():
-        header = _load_header(source)
+        header = load_header(source)
     name = str(source) if not isinstance(source, Dataset) else "<dataset>"
     frac, scale = map_fraction(amap)
     grid = (int(header.get("Rows", 0)), int(header.get("Columns", 0)))

@@ -68,6 +68,9 @@ __all__ = [
     "read_score_sr",
     "write_score_srs",
     "quiet_phi_warnings",
+    "load_header",
+    "algorithm_identification",
+    "PROCEDURE_REPORTED",
 ]
 
 #: Private (local) coding scheme designator of salad-med concepts.
@@ -104,7 +107,7 @@ def quiet_phi_warnings() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=_PHI_WARNING)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?")
         yield
-_PROCEDURE = codes.cid100.XRUnspecifiedBodyRegion
+PROCEDURE_REPORTED = codes.cid100.XRUnspecifiedBodyRegion
 # Type 2 Patient / Study attributes highdicom reads from the evidence; absent ones become empty.
 _TYPE2_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
                    "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
@@ -141,7 +144,7 @@ class ScoreReport:
     anomaly_map_sop_instance_uid: str | None = None
 
 
-def _load_header(source: Dataset | str | os.PathLike) -> Dataset:
+def load_header(source: Dataset | str | os.PathLike) -> Dataset:
     """The source image header (no pixel data), with absent type 2 Patient/Study attributes emptied."""
     if isinstance(source, Dataset):
         header = Dataset()
@@ -174,7 +177,7 @@ def _load_header(source: Dataset | str | os.PathLike) -> Dataset:
     return header
 
 
-def _algorithm(name: str, version: str, parameters: list[str] | None) -> hd.sr.AlgorithmIdentification:
+def algorithm_identification(name: str, version: str, parameters: list[str] | None) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name=name, version=version, parameters=parameters or None)
 
 
@@ -228,8 +231,8 @@ def build_score_sr(
             msg = f"{label} must be a finite number, got {value!r}"
             raise ValueError(msg)
     with quiet_phi_warnings():
-        header = _load_header(source)
-    algorithm = _algorithm(algorithm_name, algorithm_version, algorithm_parameters)
+        header = load_header(source)
+    algorithm = algorithm_identification(algorithm_name, algorithm_version, algorithm_parameters)
     referenced = [hd.sr.SourceImageForMeasurement.from_source_image(header)]
     measurements = [hd.sr.Measurement(name=ANOMALY_SCORE, value=float(score), unit=NO_UNITS,
                                       algorithm_id=algorithm, referenced_images=referenced)]
@@ -256,7 +259,7 @@ def build_score_sr(
     extra_evidence = []
     if anomaly_map is not None:
         with quiet_phi_warnings():
-            map_header = _load_header(anomaly_map)
+            map_header = load_header(anomaly_map)
         group[0].ContentSequence.append(hd.sr.ImageContentItem(
             name=ANOMALY_MAP, referenced_sop_class_uid=map_header.SOPClassUID,
             referenced_sop_instance_uid=map_header.SOPInstanceUID,
@@ -264,7 +267,7 @@ def build_score_sr(
         extra_evidence.append(map_header)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=_PROCEDURE,
+        procedure_reported=PROCEDURE_REPORTED,
         imaging_measurements=[group],
     )
     with quiet_phi_warnings():

@@ -55,15 +55,15 @@ from pydicom.uid import generate_uid
 from preprocessing.atomic import atomic_path
 from salad_med import __version__
 from salad_med.dicom.sr import (
-    _PROCEDURE,
+    PROCEDURE_REPORTED,
     ANOMALY_SCORE,
     INPUT_DISTRIBUTION,
     NO_UNITS,
     OUT_OF_DISTRIBUTION,
     RAW_ANOMALY_SCORE,
     SALAD_SCHEME,
-    _algorithm,
-    _load_header,
+    algorithm_identification,
+    load_header,
     quiet_phi_warnings,
 )
 from salad_med.errors import ConfigError, DataError
@@ -345,7 +345,7 @@ def build_study_sr(
             msg = f"scores must be finite numbers, got {value!r}"
             raise ValueError(msg)
     with quiet_phi_warnings():
-        headers = [_load_header(s) for s in sources]
+        headers = [load_header(s) for s in sources]
     studies = {str(h.StudyInstanceUID) for h in headers}
     if len(studies) != 1:
         msg = f"a study SR covers one study; the images belong to {len(studies)} studies"
@@ -354,7 +354,7 @@ def build_study_sr(
     if len(set(uids)) != n:
         msg = "the same image (SOP Instance UID) is given twice"
         raise DataError(msg)
-    algorithm = _algorithm(algorithm_name, algorithm_version, algorithm_parameters)
+    algorithm = algorithm_identification(algorithm_name, algorithm_version, algorithm_parameters)
     raws = [r for r in raw_scores if r is not None]
     refs_all = [hd.sr.SourceImageForMeasurement.from_source_image(h) for h in headers]
     study_measurements = [hd.sr.Measurement(name=STUDY_ANOMALY_SCORE, value=aggregate(scores, how), unit=NO_UNITS,
@@ -389,7 +389,7 @@ def build_study_sr(
             uid=generate_uid(entropy_srcs=[algorithm_name, algorithm_version]), name=algorithm_name,
             manufacturer_name=manufacturer, model_name=algorithm_version))
     report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-                                     procedure_reported=_PROCEDURE, imaging_measurements=groups)
+                                     procedure_reported=PROCEDURE_REPORTED, imaging_measurements=groups)
     with quiet_phi_warnings():  # every image is evidence; Patient/Study modules come from them
         sr = hd.sr.ComprehensiveSR(evidence=headers, content=report[0], is_complete=True, is_final=False,
                                    is_verified=False, series_instance_uid=series_instance_uid or generate_uid(),

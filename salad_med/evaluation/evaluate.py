@@ -115,10 +115,12 @@ def choose_threshold(val: pd.DataFrame, evaluated: pd.DataFrame, split: str, cal
     if v["label"].nunique() < 2:
         return None
     t = youden_threshold(v["label"], v["raw_score"])
-    return {"rule": THRESHOLD_RULE, "raw": t.threshold, "score": float(calibrate(np.array([t.threshold]))[0]),
-            "val": {"n": t.n, "n_abnormal": t.n_abnormal, "j": t.j,
-                    **confusion_at(v["label"], v["raw_score"], t.threshold)},
-            split: confusion_at(evaluated["label"], evaluated["raw_score"], t.threshold)}
+    out = {"rule": THRESHOLD_RULE, "raw": t.threshold, "score": float(calibrate(np.array([t.threshold]))[0]),
+           "val": {"n": t.n, "n_abnormal": t.n_abnormal, "j": t.j,
+                   **confusion_at(v["label"], v["raw_score"], t.threshold)}}
+    if split != "val":  # evaluating val itself: its entry above already holds the counts (with n and J)
+        out[split] = confusion_at(evaluated["label"], evaluated["raw_score"], t.threshold)
+    return out
 
 
 def study_metrics(scores: pd.DataFrame, keys: pd.Series, *, how: str = "max", n_boot: int = 1000, seed: int = 0,

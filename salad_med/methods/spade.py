@@ -225,9 +225,9 @@ class Spade(TeacherMethod):
     def anomaly_map(self, model: nn.Module, scorer, x: torch.Tensor) -> torch.Tensor | None:
         """SPADE's map (B, 1, S, S): per level, the mean distance of each pixel feature to its kappa nearest
         gallery pixel features of the K nearest gallery images, upsampled, averaged over levels, smoothed.
-        None when no gallery was kept (``params.map_images=0``)."""
+        Without a kept gallery (``params.map_images=0``) the default occlusion map of the image score."""
         if not self.gallery or self.gallery_keys is None:
-            return None
+            return super().anomaly_map(model, scorer, x)
         p, dev = self.params, x.device
         size = tuple(x.shape[-2:])
         pyramid = self.teacher_of(model)(x)
