@@ -151,6 +151,9 @@ def build_map_segmentation(
             fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY, max_fractional_value=MAP_LEVELS,
             content_description=f"{kind} map; 1.0 = {scale:.6g}"[:64], content_label="ANOMALY_MAP")
     seg.SeriesDescription = series_description
+    # General Image: Patient Orientation is type 2C for an image without Image Orientation (Patient), as
+    # a projection radiograph's map is: the source's value (the map lies on its grid), else empty
+    seg.PatientOrientation = header.get("PatientOrientation", "") or ""
     return seg
 
 
