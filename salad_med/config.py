@@ -141,9 +141,9 @@ class TrainConfig:
     k: int = _field(100, min=1, max=100000, help="neighbourhood size K of the last round (k_r = round(K r / R): "
                                                  "our reading of the paper's progressive widening)")
     rec_loss: str = _field("mse", choices=("mse", "l1"), help="mse (paper) or l1 (official code)")
-    rec_reduction: str = _field("mean", choices=("mean", "sum"),
-                                help="L_rec over an image's pixels: sum (the paper's ||x - x_hat||^2) or mean "
-                                     "(official code); sum weighs L_rec S^2 times more against lambda")
+    rec_reduction: str = _field("sum", choices=("mean", "sum"),
+                                help="L_rec over an image's pixels: sum (the paper's ||x - x_hat||^2, default) or "
+                                     "mean (official code); mean weighs L_rec S^2 times less against lambda")
     schedule: str = _field("paper", choices=("paper", "official"), help="neighbourhood schedule")
     official_neighbours: int = _field(10, min=1, max=1000, help="neighbours per anchor (official)")
     augment_views: int = _field(1, min=0, max=16, help="augmented views per image for AUG_i")

@@ -43,7 +43,8 @@ def test_demo_quick(tmp_path):
 
 
 def test_demo_salad_separates_phantom_anomalies(tmp_path):
-    """SALAD alone (Eq. 1-4, paper defaults apart from the budget) finds the phantom anomalies.
+    """SALAD alone (Eq. 1-4, the demo preset: paper defaults apart from the budget and L_rec's per-pixel mean)
+    finds the phantom anomalies.
 
     32x32 inputs, 200 patients, 10 pre-training epochs + 2 rounds x 3: measured test AUC 0.82 / 0.80 /
     0.78 for seeds 0 / 1 / 2 (a broken bank, loss or score direction gives ~0.5).
