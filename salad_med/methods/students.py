@@ -36,8 +36,9 @@ Symbols (paper) and where they live here:
   Eq. (9) predictive variance ``v_(r,c) = 1/M sum_i ||mu^{S_i}_(r,c)||^2 - ||mu_(r,c)||^2`` (computed as
   the equal ``1/M sum_i ||mu^{S_i} - mu||^2``, which cannot go negative by rounding); Eq. (10)
   ``e~ + v~ = (e - e_mu) / e_sigma + (v - v_mu) / v_sigma`` with the means and standard deviations of
-  ``e`` and ``v`` over every pixel of the validation normals (the paper's "validation set of anomaly-free
-  images"; ``params.score_stats=train`` uses the training normals) (:func:`normalised_score`,
+  ``e`` and ``v`` over every pixel of the normal **training** images (``params.score_stats=val`` uses the
+  validation normals instead, the paper's "validation set of anomaly-free images"; the default keeps the
+  validation split for model selection and calibration only) (:func:`normalised_score`,
   ``model.error_stats``/``variance_stats``); Eq. (11) the multi-scale map ``1/L sum_l (e~_l + v~_l)``.
   The anomaly map is that map smoothed with a Gaussian (``params.map_sigma`` pixels at 256 px, scaled),
   the **image score its maximum**.
@@ -139,8 +140,9 @@ class StudentsParams(TeacherParams):
                                         "network's: conv6 2,3,4; resnet18 1,2,3)")
     teacher_init: str = _field("simclr", choices=("simclr", "random"),
                                help="P: the SimCLR encoder (teacher_run or inline) or its random initialisation")
-    score_stats: str = _field("val", choices=("val", "train"),
-                              help="normals whose e and v statistics normalise the scores (paper: validation)")
+    score_stats: str = _field("train", choices=("train", "val"),
+                              help="normals whose e and v statistics normalise the scores (train: the normal "
+                                   "training images; val: the validation normals, as the paper)")
     map_sigma: float = _field(4.0, min=0.0, max=64.0,
                               help="Gaussian smoothing of the map, pixels at 256 px (scaled to data.image_size)")
 

@@ -237,13 +237,24 @@ def test_students_resume_exactly_across_and_within_the_phases(split, teachers, t
         torch.manual_seed(99)  # disturb the global RNG: the checkpoint restores it
         resumed = trainer(f"k{kill}", resume=True)
         assert resumed.epoch == kill
+        before = {k: v.clone() for k, v in resumed.model.state_dict().items()}
         resumed.fit()
         a, b = straight.model.state_dict(), resumed.model.state_dict()
         assert a.keys() == b.keys()
+        # Tolerance: both runs execute the same float32 ops on the same CPU with the same patch draws, so
+        # they normally agree bit for bit; 1e-6 relative (a few float32 ulps, ~1e-7) only absorbs a
+        # different summation order inside a multithreaded CPU kernel. One missed, repeated or differently
+        # drawn step moves the weights by ~lr x grad = 1e-4 relative or more (checked below), far outside it.
         for key in a:
-            assert torch.equal(a[key], b[key]), (kill, key)  # CPU, same ops and draws: bit-identical
-        assert [r["loss_total"] for r in straight.history] == [r["loss_total"] for r in resumed.history]
-        assert [r["val_auc"] for r in straight.history[1:]] == [r["val_auc"] for r in resumed.history[1:]]
+            torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-8, msg=lambda m, k=key: f"{kill} {k}: {m}")
+        np.testing.assert_allclose([r["loss_total"] for r in resumed.history],
+                                   [r["loss_total"] for r in straight.history], rtol=1e-6)
+        np.testing.assert_allclose([r["val_auc"] for r in resumed.history[1:]],
+                                   [r["val_auc"] for r in straight.history[1:]], rtol=0, atol=1e-9)
+        # the tolerance can fail: the resumed run's weights at the kill differ from the final ones by far more
+        drift = max(float(((before[k] - a[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)))
+                    for k in a if k.startswith("students."))
+        assert drift > 1e-4, drift
 
 
 def test_map_finds_a_bright_square(split, teachers, tmp_path):
