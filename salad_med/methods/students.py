@@ -63,8 +63,8 @@ inline SimCLR pre-training of ``P`` is the teacher API's (``params.teacher_*``, 
 "random-teacher" ablation), ``params.distill_fraction=0`` trains the students on an undistilled random
 ``T^``. Resume is exact (the phase follows the epoch; the descriptor statistics are buffers).
 
-**Export**: the whole score (``T^``, students, statistics, smoothing, max) is one traced module
-(``export_module``); the map is ``RunModel.anomaly_map`` / ``salad-med evaluate``.
+**Export** (TorchScript and ONNX): the whole score (``T^``, students, statistics, smoothing, max) is one
+traced module (``export_module``); the map is ``RunModel.anomaly_map`` / ``salad-med evaluate``.
 
 Example:
     >>> cfg = load_config("demo", ["train.method=students"])       # inline SimCLR teacher, cached
@@ -336,13 +336,14 @@ class UninformedStudentsNet(nn.Module):
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         """Eq. (10)-(11), smoothed: (B, 1, S, S)."""
-        from monai.networks.layers.simplelayers import separable_filtering
-
         maps = [normalised_score(e, v, self.error_stats[i], self.variance_stats[i])
                 for i, (e, v) in enumerate(self.scale_scores(x))]
         m = torch.stack(maps).mean(dim=0).unsqueeze(1)  # Eq. (11): mean over the L scales
-        if self.sigma > 0:
-            m = separable_filtering(m, [self.smoothing_kernel, self.smoothing_kernel], mode="replicate")
+        if self.sigma > 0:  # separable Gaussian (MONAI's kernel), replicate borders; fixed-shape convolutions
+            k = self.smoothing_kernel  # (K,), K odd; so that ONNX export sees constant kernel shapes
+            r = (k.numel() - 1) // 2
+            m = F.pad(m, (r, r, r, r), mode="replicate")
+            m = F.conv2d(F.conv2d(m, k.view(1, 1, -1, 1)), k.view(1, 1, 1, -1))
         return m
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

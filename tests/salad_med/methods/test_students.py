@@ -209,7 +209,21 @@ def test_students_train_score_map_and_export_on_8_and_16_bit_offline(bits, split
     x = torch.rand(3, 1, 32, 32)
     torch.testing.assert_close(torch.jit.load(str(out)).raw(x).double(), run.raw_score_tensor(x),
                                rtol=1e-4, atol=0)  # export.RAW_RTOL
+    if bits == 8 and _has("onnx") and _has("onnxruntime"):  # ONNX too (fixed-shape smoothing convolutions)
+        import onnxruntime
+
+        onnx_path = export_run(tmp_path / "run", "onnx", tmp_path / "students.onnx")
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        raw = session.run(["raw_score"], {session.get_inputs()[0].name: x.numpy()})[0]
+        np.testing.assert_allclose(np.asarray(raw, np.float64).ravel(), run.raw_score_tensor(x).numpy(),
+                                   rtol=1e-4)  # export.RAW_RTOL: float32 kernels of two runtimes
     assert attempts == []
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _kill_after(n: int):
