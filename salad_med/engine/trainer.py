@@ -578,7 +578,9 @@ class Trainer:
             info = self.method.epoch_info(epoch)
             means, steps = self._train_epoch(epoch, str(info.get("phase", "")))
             last = epoch + 1 == self.total_epochs
-        val = self.validate() if (epoch is None or (epoch + 1) % self.cfg.train.val_every == 0 or last) else {}
+        # the last epoch always; others every train.val_every epochs unless the method says they cannot score
+        due = last or ((epoch + 1) % self.cfg.train.val_every == 0 and self.method.validates(epoch))
+        val = self.validate() if due else {}
         self.epoch = 0 if epoch is None else epoch + 1
         a = val.get("auc", float("nan"))
         improved = bool(val) and math.isfinite(a) and (not math.isfinite(self.best_val_auc) or a > self.best_val_auc)

@@ -337,6 +337,15 @@ class AnomalyMethod:
         """Extra ``metrics.csv`` columns of 0-based ``epoch`` (default: ``phase``)."""
         return {"phase": "train"}
 
+    def validates(self, epoch: int) -> bool:
+        """Whether 0-based ``epoch`` may end with a validation (scorer fit, val AUC, model selection) when
+        ``train.val_every`` asks for one. A method whose first epochs train a part that cannot score images
+        yet (Uninformed Students distils its descriptor network before training its students) returns False
+        for them, so that no such epoch is scored or selected. The last epoch is validated whatever this
+        says. Default: True.
+        """
+        return True
+
     def setup(self, trainer: Trainer) -> None:
         """Create the training state (bank, centre...) on ``trainer.device``. Default: nothing."""
 
