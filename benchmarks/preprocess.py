@@ -14,12 +14,15 @@ Files: the full-resolution real radiographs of ``../shared/data`` (the 36 FracAt
 2. **Where the time goes**: median CPU ms of each pipeline step.
 3. **Throughput**: ``run_preprocess`` over the same files with 1 and 2 worker processes, images/s of
    wall clock with the pool start included, and without it (measured apart).
+4. **Memory per worker**: peak resident memory (``ru_maxrss``) of a worker process of the pool after
+   preprocessing the files (pipeline, imports and the largest image it held).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +32,7 @@ import pandas as pd
 import torch
 
 TARGET = 1.5
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(os.environ.get("SALAD_MED_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def _files(data: Path) -> list[tuple[str, Path]]:
@@ -109,6 +112,23 @@ def _pool_start(workers: int, size: int, options: dict) -> float:
     return time.perf_counter() - start
 
 
+def _work_rss(task: tuple[str, str, str, str]) -> float:
+    """Preprocess one input in a pool worker; return the worker's peak resident memory (MiB)."""
+    from salad_med.data.preprocess_job import _work
+
+    _work(task)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _memory(files: list[tuple[str, Path]], workers: int, size: int, out: Path, options: dict) -> float:
+    """Largest peak RSS (MiB) of the ``workers`` pool processes over all files."""
+    from salad_med.data.preprocess_job import _init_worker, _pool_context
+
+    tasks = [(f"m{i}", str(p), str(out / f"m{i}.png"), str(out / f"m{i}_mask.png")) for i, (_, p) in enumerate(files)]
+    with _pool_context().Pool(workers, initializer=_init_worker, initargs=("folder", size, options, 8)) as pool:
+        return max(pool.map(_work_rss, tasks, chunksize=1))
+
+
 def _throughput(files: list[tuple[str, Path]], workers: int, size: int, out: Path, options: dict
                 ) -> tuple[float, int, float]:
     from salad_med.config import Config
@@ -150,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = _steps(files, args.size, options)
         start2 = _pool_start(2, args.size, options)
         rates = {w: _throughput(files, w, args.size, out, options) for w in (1, 2)}
+        memory = {w: _memory(files, w, args.size, out, options) for w in (1, 2)}
     print(f"{len(files)} full-resolution files, output {args.size}x{args.size}, one thread, "
           f"median of {args.repeats} interleaved rounds" + (f", WITHOUT {', '.join(args.without)}" if options else ""))
     if args.per_image:
@@ -165,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         line = f"  throughput with {w} worker(s): {rate:5.2f} images/s ({n} images in {wall:.1f} s wall"
         if w > 1:
             line += f"; {n / max(wall - start2, 1e-9):5.2f} images/s without the {start2:.1f} s pool start"
-        print(line + ")")
+        print(line + f"); peak memory per worker {memory[w]:.0f} MiB")
     ratio = float(df["ratio"].median())
     print(f"preprocessing / (decode + write) = {ratio:.2f} median of per-image ratios (target <= {TARGET})")
     ok = ratio <= TARGET

@@ -400,6 +400,59 @@ def _robust_sigma(v: np.ndarray) -> float:
     return float(1.4826 * _median(np.abs(v - _median(v)))) if v.size else 0.0
 
 
+def _masked_median(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per row of ``x (L, T)`` the median (upper middle element, as :func:`_median`) of the ``mask``
+    entries; NaN for a row without any."""
+    srt = np.sort(np.where(mask, x, np.inf), axis=1)
+    count = mask.sum(axis=1)
+    out = np.take_along_axis(srt, np.minimum(count // 2, x.shape[1] - 1)[:, None], axis=1)[:, 0]
+    return np.where(count > 0, out, np.nan)
+
+
+def _robust_line_batch(t: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_robust_line` for every row of ``(L, T)`` arrays at once (rows of ``mask`` are the points)."""
+
+    def fit(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        w = m.astype(np.float64)
+        n = np.maximum(w.sum(axis=1), 1.0)
+        tm = (w * np.where(m, t, 0.0)).sum(axis=1) / n
+        ym = (w * np.where(m, y, 0.0)).sum(axis=1) / n
+        dt = np.where(m, t - tm[:, None], 0.0)
+        var = (dt * dt).sum(axis=1)
+        b = np.where(var > 0, (dt * np.where(m, y - ym[:, None], 0.0)).sum(axis=1) / np.where(var > 0, var, 1.0), 0.0)
+        return ym - b * tm, b
+
+    keep = mask.copy()
+    a, b = fit(keep)
+    active = np.ones(t.shape[0], dtype=bool)
+    for _ in range(3):
+        r = np.abs(y - (a[:, None] + b[:, None] * t))
+        limit = np.maximum(0.75, 2.5 * 1.4826 * _masked_median(r, keep))
+        new = mask & (r <= limit[:, None])
+        stop = (new.sum(axis=1) < 8) | (new == keep).all(axis=1)
+        active &= ~stop
+        if not active.any():
+            break
+        keep = np.where(active[:, None], new, keep)
+        a2, b2 = fit(keep)
+        a, b = np.where(active, a2, a), np.where(active, b2, b)
+    return a, b
+
+
+def _edge_positions_batch(prof: np.ndarray, inner: np.ndarray, outer: np.ndarray, sign: np.ndarray,
+                          offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`_Detector._edge_positions` for ``(L, T, K)`` profiles at once (NaN rows give 99)."""
+    level = 0.5 * (inner + outer)
+    z = sign[:, None, None] * (prof - level[:, :, None])
+    with np.errstate(invalid="ignore"):
+        up = (z[:, :, :-1] < 0) & (z[:, :, 1:] >= 0)
+        cross = np.where(up, offsets[:-1] + (-z[:, :, :-1]) / np.where(up, z[:, :, 1:] - z[:, :, :-1], 1.0), np.inf)
+    pos = np.take_along_axis(cross, np.argmin(np.abs(cross), axis=2)[:, :, None], axis=2)[:, :, 0]
+    rise = sign[:, None, None] * np.diff(prof, axis=2)
+    step = np.where(np.isnan(rise), -np.inf, rise).max(axis=2)
+    return np.where(np.isfinite(pos), pos, 99.0), step
+
+
 class _Detector:
     """One detection run on a working copy ``g (h, w)`` (smoothed, [0, 1])."""
 
@@ -533,41 +586,115 @@ class _Detector:
 
     def evaluate(self, n: np.ndarray, c: float) -> CarrierSide | None:
         """Test the line ``n . p = c`` as a carrier side with its exterior on the ``+n`` side."""
+        refined = self._refine_batch([(np.asarray(n, dtype=np.float64), float(c))])[0]
+        return None if refined is None else self._judge(*refined)
+
+    def _refine_batch(self, lines: Sequence[tuple[np.ndarray, float]]) -> list[tuple | None]:
+        """Refine lines on their sub-pixel step positions (2x) and take their final measurements, all
+        lines at once (one interpolation call and array operations per round, no per-line loop).
+
+        Per round and line: the across-line profiles, inner/outer band means, the contrast (median of
+        the differences >= ``min_contrast``), the step positions; a line is dropped (logged) without
+        contrast, without a step edge on enough of it, with a non-uniform exterior band (first round)
+        or when the step is clearly curved; else it is moved to the robust line through its step
+        positions (fitted on the typical stretch, where neither band is disturbed by a label or a limb).
+
+        Returns:
+            Per line ``None`` (rejected) or ``(n, c, measurement)`` for :meth:`_judge`.
+        """
         p = self.p
-        for it in range(3):  # refine the line on the sub-pixel step positions (2x), then judge it
-            m = self._measure(n, c)
-            if m is None:
-                self._reject(n, c, "no contrast")
-                return None
-            pts, d, inner, outer, diff, contrast, sign, pos, step = m
-            good = (sign * diff > 0.5 * abs(contrast)) & (np.abs(pos) <= 2.5)
-            along = self.w if abs(n[1]) > abs(n[0]) else self.h
-            if good.sum() < max(8, 0.6 * p.min_length * along):
-                self._reject(n, c, "no step edge")
-                return None
+        n_l = len(lines)
+        normals = np.array([ln[0] for ln in lines], dtype=np.float64).reshape(n_l, 2)
+        offsets = np.array([ln[1] for ln in lines], dtype=np.float64)
+        live = np.ones(n_l, dtype=bool)
+        done = np.zeros(n_l, dtype=bool)  # converged: keep this round's measurement
+        final: list[tuple | None] = [None] * n_l
+        k = self.half
+        for it in range(3):
+            idx = np.flatnonzero(live & ~done)
+            if idx.size == 0:
+                break
+            meas = self._measure_batch([(normals[i], offsets[i]) for i in idx])
+            pts_l, d_l, prof, valid = meas
+            n_t = valid.shape[1]
+            inner = prof[:, :, : k - 1].mean(axis=2)  # NaN on padding rows (never valid)
+            outer = prof[:, :, k + 2:].mean(axis=2)
+            diff = outer - inner
+            big = valid & (np.abs(diff) >= p.min_contrast)
+            n_big = big.sum(axis=1)
+            contrast = _masked_median(diff, big)
+            sign = np.where(contrast > 0, 1.0, -1.0)
+            pos, step = _edge_positions_batch(prof, inner, outer, sign, self.offsets)
+            good = valid & (sign[:, None] * diff > 0.5 * np.abs(contrast)[:, None]) & (np.abs(pos) <= 2.5)
+            along = np.array([self.w if abs(normals[i][1]) > abs(normals[i][0]) else self.h for i in idx])
+            n_good = good.sum(axis=1)
+            reject = np.full(idx.size, "", dtype=object)
+            reject[n_big < 8] = "no contrast"
+            reject[(reject == "") & (n_good < np.maximum(8, 0.6 * p.min_length * along))] = "no step edge"
             if it == 0:  # cheap screen: the exterior band must be uniform along enough of the line
-                uniform = np.abs(outer[good] - _median(outer[good])) <= max(0.03, 0.25 * abs(contrast))
-                if uniform.sum() < 0.6 * p.min_length * along:
-                    self._reject(n, c, "exterior band not uniform")
-                    return None
-            if it == 2:
-                break
-            # fit on the typical stretch: a label or limb lying on the border changes a band's level
-            band_tol = max(0.03, 0.25 * abs(contrast))
-            typical = good & (np.abs(inner - _median(inner[good])) <= band_tol) \
-                & (np.abs(outer - _median(outer[good])) <= band_tol)
-            fit = typical if typical.sum() >= 8 else good
-            t = (pts - pts[0]) @ d
-            a, b = _robust_line(t[fit], pos[fit])  # pos = a + b t
-            spread = 1.4826 * float(_median(np.abs(pos[fit] - a - b * t[fit])))
-            if spread > 2.0 * p.max_residual:  # clearly curved (a skin or bone outline): stop early
-                self._reject(n, c, f"not a straight border (spread {spread:.2f} px)")
-                return None
-            if abs(a) < 0.05 and abs(b) < 1e-3:
-                break
-            anchor = pts[0] + n * a  # refined point at t = 0
-            n = (n - b * d) / math.hypot(1.0, b)  # normal of the refined line pts + n * (a + b t)
-            c = float(anchor @ n)
+                med_out = _masked_median(outer, good)
+                uniform = good & (np.abs(outer - med_out[:, None])
+                                  <= np.maximum(0.03, 0.25 * np.abs(contrast))[:, None])
+                reject[(reject == "") & (uniform.sum(axis=1) < 0.6 * p.min_length * along)] = "exterior band not uniform"
+            keep_meas = reject == ""
+            if it < 2:
+                band_tol = np.maximum(0.03, 0.25 * np.abs(contrast))[:, None]
+                typical = good & (np.abs(inner - _masked_median(inner, good)[:, None]) <= band_tol) \
+                    & (np.abs(outer - _masked_median(outer, good)[:, None]) <= band_tol)
+                fit = np.where((typical.sum(axis=1) >= 8)[:, None], typical, good)
+                t = np.einsum("ltj,lj->lt", pts_l - pts_l[:, :1], d_l)
+                a, b = _robust_line_batch(t, pos, fit)
+                spread = 1.4826 * _masked_median(np.abs(pos - a[:, None] - b[:, None] * t), fit)
+                curved = keep_meas & (spread > 2.0 * p.max_residual)
+                for j in np.flatnonzero(curved):
+                    reject[j] = f"not a straight border (spread {spread[j]:.2f} px)"
+                converged = (np.abs(a) < 0.05) & (np.abs(b) < 1e-3)
+            else:
+                converged = np.ones(idx.size, dtype=bool)
+            for j, i in enumerate(idx):
+                if reject[j]:
+                    self._reject(normals[i], offsets[i], str(reject[j]))
+                    live[i] = False
+                    continue
+                if converged[j]:
+                    row = valid[j]
+                    m = (pts_l[j][row], d_l[j], inner[j][row], outer[j][row], diff[j][row], float(contrast[j]),
+                         float(sign[j]), pos[j][row], step[j][row])
+                    final[i] = (normals[i].copy(), float(offsets[i]), m)
+                    done[i] = True
+                    continue
+                nn, dd = normals[i], d_l[j]
+                anchor = pts_l[j][0] + nn * a[j]  # refined point at t = 0
+                nn = (nn - b[j] * dd) / math.hypot(1.0, b[j])  # normal of the refined line pts + n (a + b t)
+                normals[i], offsets[i] = nn, float(anchor @ nn)
+            del n_t
+        return final
+
+    def _measure_batch(self, lines: Sequence[tuple[np.ndarray, float]]):
+        """Across-line profiles of ``lines`` padded to one length: points (L, T, 2), directions (L, 2),
+        profiles (L, T, K) (NaN where a line is shorter) and the valid mask (L, T)."""
+        self._sample([ln for ln in lines if self._cache_key(*ln) not in self._cache])
+        res = [self._profiles(n, c) for n, c in lines]
+        t_max = max((r[0].shape[0] for r in res if r is not None), default=1)
+        n_l, kk = len(lines), self.offsets.size
+        pts = np.zeros((n_l, t_max, 2))
+        dirs = np.zeros((n_l, 2))
+        prof = np.full((n_l, t_max, kk), np.nan, dtype=np.float64)
+        valid = np.zeros((n_l, t_max), dtype=bool)
+        for j, r in enumerate(res):
+            if r is None:
+                continue
+            pp, d, pr = r
+            pts[j, : pp.shape[0]], dirs[j], prof[j, : pp.shape[0]], valid[j, : pp.shape[0]] = pp, d, pr, True
+        return pts, dirs, prof, valid
+
+    def _cache_key(self, n: np.ndarray, c: float) -> tuple[float, float, float]:
+        return round(float(n[0]), 9), round(float(n[1]), 9), round(float(c), 6)
+
+    def _judge(self, n: np.ndarray, c: float, m: tuple) -> CarrierSide | None:
+        """Judge a refined line (see :meth:`evaluate`) from its final measurement ``m``."""
+        p = self.p
+        pts, d, inner, outer, diff, contrast, sign, pos, step = m
         # ---- judge the border: a straight step along one segment (markers may interrupt it)
         m_out = float(_median(outer))
         tol = max(0.03, 3.0 * max(_robust_sigma(outer), 0.004), 0.25 * abs(contrast))
@@ -646,7 +773,8 @@ class _Detector:
         if homogeneity < p.min_homogeneity or crossing > 0.003 * self.g.size:
             self._reject(n, c, f"homogeneity {homogeneity:.2f}, {crossing} px of structure crossing")
             return None
-        _, bone_px, _ = self._objects(self.bony & (proj > margin), band)
+        depth = min(margin, 0.5 * float(proj.max()))  # a thin exterior (a band) is checked to 2.5 px of its border
+        _, bone_px, _ = self._objects(self.bony & (proj > max(depth, 2.5)), band)
         if bone_px > 0.002 * self.g.size:  # bone-like texture beyond the border: anatomy, never crop it
             self._reject(n, c, f"{bone_px} px of bone-like structure outside")
             return None
@@ -728,11 +856,14 @@ class _Detector:
         if not lines:
             return sides
         screen = self._screen(lines)
-        for (n, c), ok in zip(lines, screen, strict=True):
-            for s, keep in zip((1.0, -1.0), ok, strict=True):
-                side = self.evaluate(s * n, s * c) if keep else None
-                if side is not None:
-                    sides.append(side)
+        todo = [(sg * n, sg * c) for (n, c), ok in zip(lines, screen, strict=True)
+                for sg, keep in zip((1.0, -1.0), ok, strict=True) if keep]
+        if not todo:
+            return sides
+        for refined in self._refine_batch(todo):
+            side = None if refined is None else self._judge(*refined)
+            if side is not None:
+                sides.append(side)
         return sides
 
 

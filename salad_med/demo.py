@@ -3,7 +3,9 @@
 Everything runs on synthetic MURA-like phantoms (:func:`salad_med.synthetic.phantom.generate_demo_dataset`) whose
 right answer is known, on a CPU, in a few minutes. The report folder holds the per-method metrics, ROC/PR
 curves of both methods, score histograms, training curves, the preprocessing contact sheet and the scores
-of a few DICOM phantoms (the ``salad-med score`` path).
+of a few DICOM phantoms (the ``salad-med score`` path); ``report/report.html`` compares the methods on one
+self-contained page and links each method's ``evaluate`` report (``report/<method>/report.html``, with
+anomaly maps and the per-anomaly-type table).
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def run_demo(output: str | Path, config: str | None = "demo", overrides: Sequenc
         body_parts: phantom body parts (default :data:`DEMO_BODY_PARTS`).
 
     Returns:
-        ``{"results": [per-method dicts], "timings": {...}, "seconds": total, "output": ...}``.
+        ``{"results": [per-method dicts], "timings": {...}, "seconds": total, "output": ..., "report": the
+        path of ``report/report.html``}``.
     """
     import pandas as pd
 
@@ -119,12 +122,13 @@ def run_demo(output: str | Path, config: str | None = "demo", overrides: Sequenc
 
     # 4-5. train each method with the same budget, evaluate on test
     results, scores = [], {}
+    kinds = _anomaly_kinds(truth, split)
     for method in methods:
         mcfg = load_config(config, [*base, f"train.method={method}"])
         run_dir = out / "runs" / method
         trained = train_from_manifest(mcfg, split_csv, run_dir)
         t = _stage(timings, f"train_{method}", t)
-        ev = evaluate_run(run_dir, "test", out / "report" / method, n_boot=n_boot)
+        ev = evaluate_run(run_dir, "test", out / "report" / method, n_boot=n_boot, anomaly_types=kinds)
         t = _stage(timings, f"evaluate_{method}", t)
         shutil.copyfile(run_dir / "curves.png", out / "report" / method / "curves.png")
         df = pd.read_csv(Path(ev["output"]) / "scores.csv", dtype={"image_id": str})
@@ -146,7 +150,6 @@ def run_demo(output: str | Path, config: str | None = "demo", overrides: Sequenc
 
     plot_roc_pr(y, column("raw_score"), report / "roc.png", report / "pr.png")
     plot_score_histograms(y, column("score"), report / "score_histograms.png")
-    kinds = _anomaly_kinds(truth, split)
     per_kind = _per_anomaly_auc(scores, kinds)
     if per_kind is not None:
         per_kind.to_csv(report / "auc_per_anomaly.csv", index=False, float_format="%.4f")
@@ -163,9 +166,28 @@ def run_demo(output: str | Path, config: str | None = "demo", overrides: Sequenc
                    "n_images": int(len(split)), "preprocess": summary.line(),
                    "split_counts": {k: int(v) for k, v in split["split"].value_counts().items()},
                    "per_anomaly": [] if per_kind is None else json.loads(per_kind.to_json(orient="records"))}
+    from salad_med.evaluation.report import write_compare_report
+
+    summary_out["report"] = str(write_compare_report(
+        report / "report.html", _results_table(results), scores,
+        title=f"salad-med demo: {len(methods)} method(s) on {len(split)} phantom radiographs",
+        subtitle=f"test split: {results[0]['n_test']} images, {results[0]['n_test_abnormal']} abnormal; "
+                 f"total {total:.0f} s", links={f"{m}: evaluation report with anomaly maps": f"{m}/report.html"
+                                                for m in methods}, per_anomaly=per_kind))
     (report / "summary.json").write_text(json.dumps(summary_out, indent=2))
     pd.DataFrame(results).to_csv(report / "results.csv", index=False, float_format="%.4f")
     return summary_out
+
+
+def _results_table(results: list[dict]):
+    """The per-method results with the CIs as ``lo-hi`` text (the report's table)."""
+    import pandas as pd
+
+    def span(ci) -> str:
+        return f"{ci[0]:.3f}-{ci[1]:.3f}"
+
+    return pd.DataFrame(results).assign(auc_ci95=lambda d: d["auc_ci95"].map(span),
+                                        auprc_ci95=lambda d: d["auprc_ci95"].map(span))
 
 
 def _anomaly_kinds(truth, split) -> dict[str, str]:

@@ -17,11 +17,20 @@ Capture images to. The life of one instance:
    is appended to ``results.csv``, the image moves to ``done/`` (or ``failed/``).
 4. **Forward** (optional, one thread): SRs are linked into ``outbox/`` and C-STOREd to the destination
    with retries and exponential back-off; after the last retry they move to ``forward_failed/`` and
-   are retried at the next start. Nothing is deleted on failure.
+   are retried every ``forward_sweep_s`` seconds and at the next start. Nothing is deleted on failure.
+5. **Study report** (optional, ``study_quiet_s`` > 0, one thread): when a study has received and scored
+   nothing for ``study_quiet_s`` seconds, one study SR (:mod:`salad_med.dicom.study`: the study score,
+   max or mean of its images, and every image's scores) is written to ``study_sr/<StudyInstanceUID>.dcm``,
+   recorded in ``studies.csv`` and forwarded like the image SRs. An image arriving later makes a new
+   study SR that names the earlier one as its predecessor.
 
 Crash safety: at start, files left in ``incoming/`` are queued again, except those whose UID already
 has a ``results.csv`` row (crash between the row and the move), which are only moved: each instance
-is scored once. A resent instance already in ``done/`` is acknowledged and not scored again.
+is scored once. A resent instance already scored is acknowledged and not scored again. An SR is linked
+into ``outbox/`` *before* its row is committed (``results.csv`` / ``studies.csv``) and queued for forwarding
+only after; at start, outbox entries without a committed row are removed (their image is scored again),
+the others are forwarded: each SR reaches the destination at least once, and a resend of the same SR
+(same SOP Instance UID) is a duplicate the archive ignores.
 
 Logs: ``audit.jsonl`` holds one JSON line per event (time, event, SOP Instance UID, calling AE,
 status, score, reason). Neither the logs nor ``results.csv`` contain patient names or other PHI.
@@ -40,7 +49,6 @@ See Also:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -77,6 +85,7 @@ from salad_med.log import get_logger
 __all__ = [
     "ACCEPTED_SOP_CLASSES",
     "RESULT_COLUMNS",
+    "STUDY_LOG_COLUMNS",
     "STATUS_SUCCESS",
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_DATASET_MISMATCH",
@@ -102,6 +111,9 @@ ACCEPTED_SOP_CLASSES = (
 #: Columns of ``results.csv`` (no PHI).
 RESULT_COLUMNS = ("sop_instance_uid", "study_instance_uid", "calling_ae", "received_at", "scored_at",
                   "latency_s", "score", "raw_score", "ood", "ood_reason", "status", "reason", "image_path", "sr_path")
+#: Columns of ``studies.csv``, the study SRs emitted (no PHI).
+STUDY_LOG_COLUMNS = ("study_instance_uid", "emitted_at", "n_images", "score", "raw_score", "aggregate",
+                     "sr_sop_instance_uid", "sr_path", "image_uids")
 # C-STORE statuses (PS3.4 Table B.2-1)
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -159,6 +171,9 @@ class NodeSettings:
         forward: where to C-STORE the SRs (``None``: keep them only on disk).
         forward_retries: extra attempts after a failed forward.
         forward_backoff_s: first retry delay, doubled at each attempt.
+        forward_sweep_s: how often SRs in ``forward_failed/`` are tried again (0: only at start).
+        study_quiet_s: emit a study SR once a study has been quiet this long (0: no study SR).
+        study_aggregate: study score, ``max`` or ``mean`` of the image scores.
         acse_timeout, dimse_timeout, network_timeout: pynetdicom timeouts (seconds).
         maximum_pdu_size: largest PDU we receive (0: unlimited).
         algorithm_name, algorithm_version, series_description: written into each SR.
@@ -175,6 +190,9 @@ class NodeSettings:
     forward: ForwardTarget | None = None
     forward_retries: int = 3
     forward_backoff_s: float = 1.0
+    forward_sweep_s: float = 60.0
+    study_quiet_s: float = 0.0
+    study_aggregate: str = "max"
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -195,11 +213,15 @@ class NodeSettings:
                 msg = f"AE title {title!r}: at most 16 printable characters, no backslash"
                 raise ConfigError(msg)
         checks = (("workers", self.workers, 1), ("batch_size", self.batch_size, 1),
-                  ("forward_retries", self.forward_retries, 0), ("port", self.port, 0))
+                  ("forward_retries", self.forward_retries, 0), ("port", self.port, 0),
+                  ("study_quiet_s", self.study_quiet_s, 0), ("forward_sweep_s", self.forward_sweep_s, 0))
         for name, value, low in checks:
             if value < low:
                 msg = f"{name} must be >= {low}, got {value}"
                 raise ConfigError(msg)
+        if self.study_aggregate not in ("max", "mean"):
+            msg = f"study_aggregate {self.study_aggregate!r}: expected max or mean"
+            raise ConfigError(msg)
 
 
 def _now() -> str:
@@ -304,8 +326,9 @@ class ScoringNode:
             ``source_path, score, raw_score, status ("ok" | other), reason``.
 
     Attributes:
-        dirs: ``incoming, done, failed, sr, outbox, forward_failed`` folders.
+        dirs: ``incoming, done, failed, sr, study_sr, outbox, forward_failed`` folders.
         results_path: ``results.csv``.
+        studies_path: ``studies.csv`` (study SRs emitted).
         audit_path: ``audit.jsonl``.
     """
 
@@ -313,9 +336,17 @@ class ScoringNode:
         self.settings = settings
         self.score_fn = score_fn
         root = settings.output_dir
-        self.dirs = {name: root / name for name in ("incoming", "done", "failed", "sr", "outbox",
+        self.dirs = {name: root / name for name in ("incoming", "done", "failed", "sr", "study_sr", "outbox",
                                                    "forward_failed")}
         self.results_path = root / "results.csv"
+        self.studies_path = root / "studies.csv"
+        self._scored: set[str] = set()  # UIDs with an "ok" results row: acknowledged, never scored again
+        self._studies: dict[str, _Study] = {}
+        self._study_thread: threading.Thread | None = None
+        #: ``() -> bool``: True while more images may be on their way (e.g. a router catching up or cut off
+        #: from its archive); no study counts as quiet meanwhile.
+        self.study_hold: Callable[[], bool] | None = None
+        self._quiet_since = 0.0  # quiet periods start no earlier than this (start, end of a hold)
         self.audit_path = root / "audit.jsonl"
         self._queue: queue.Queue = queue.Queue()
         self._forward_queue: queue.Queue = queue.Queue()
@@ -326,6 +357,7 @@ class ScoringNode:
         self._forwarder: threading.Thread | None = None
         self._server = None
         self._stopped = threading.Event()
+        self._stopping = threading.Event()
         self._fast_stop = threading.Event()
         self.ae = self._make_ae()
 
@@ -369,6 +401,10 @@ class ScoringNode:
             atomic_write_text(self.results_path, ",".join(RESULT_COLUMNS) + "\n")
         else:
             self._upgrade_results()
+        if not self.studies_path.exists():
+            atomic_write_text(self.studies_path, ",".join(STUDY_LOG_COLUMNS) + "\n")
+        self._load_state()
+        self._quiet_since = time.time()  # images routed while the node was down get a full quiet period
         self._recover()
         s = self.settings
         for i in range(s.workers):
@@ -378,6 +414,9 @@ class ScoringNode:
         if s.forward is not None:
             self._forwarder = threading.Thread(target=self._forward_loop, name="salad-forward", daemon=True)
             self._forwarder.start()
+        if s.study_quiet_s > 0:
+            self._study_thread = threading.Thread(target=self._study_loop, name="salad-study", daemon=True)
+            self._study_thread.start()
         try:
             self._server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=self._handlers())
         except OSError as err:
@@ -409,6 +448,9 @@ class ScoringNode:
             self._queue.put(_STOP)
         for thread in self._workers:
             thread.join(timeout)
+        self._stopping.set()
+        if self._study_thread is not None:
+            self._study_thread.join(timeout)
         if self._forwarder is not None:
             self._forward_queue.put(_STOP)
             self._forwarder.join(timeout)
@@ -476,6 +518,20 @@ class ScoringNode:
         writer.writerows(rows)
         self._append(self.results_path, buf.getvalue())
 
+    def _outbox_committed(self, path: Path, recorded: set[str], studies: set[str]) -> bool:
+        if not path.name.startswith(_STUDY_PREFIX):
+            return path.stem in recorded
+        try:
+            import pydicom
+
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        except Exception:  # noqa: BLE001 - a torn file cannot be committed
+            return False
+        return uid in studies
+
+    def _emitted_study_srs(self) -> set[str]:
+        return {row["sr_sop_instance_uid"] for row in _read_csv_rows(self.studies_path)}
+
     def _recorded_uids(self) -> set[str]:
         if not self.results_path.exists():
             return set()
@@ -516,13 +572,14 @@ class ScoringNode:
             problem = "SOP Instance UID of the dataset differs from the C-STORE request"
         if problem is not None:
             return self._refuse(STATUS_DATASET_MISMATCH, uid, calling_ae, problem)
-        if (self.dirs["done"] / f"{uid}.dcm").exists():
+        if self.is_scored(uid):
             self.audit("store", sop_instance_uid=uid, calling_ae=calling_ae, status="duplicate",
                        reason="already scored; not scored again")
             return STATUS_SUCCESS
         received_at = time.time()
         meta = {"calling_ae": calling_ae, "received_at": received_at,
                 "study_instance_uid": str(ds.get("StudyInstanceUID", ""))}
+        self._touch_study(meta["study_instance_uid"], uid, received_at)
         try:
             atomic_write_text(self._sidecar(uid), json.dumps(meta))
             _fsync_write(self.dirs["incoming"] / f"{uid}.dcm", event.encoded_dataset(include_meta=True))
@@ -535,6 +592,20 @@ class ScoringNode:
     def _sidecar(self, uid: str) -> Path:
         return self.dirs["incoming"] / f"{uid}.json"
 
+    def is_scored(self, uid: str) -> bool:
+        """True when ``uid`` has been scored (an "ok" ``results.csv`` row): a resend is not scored again."""
+        with self._lock:
+            if uid in self._scored:
+                return True
+        return (self.dirs["done"] / f"{uid}.dcm").exists()
+
+    def is_known(self, uid: str) -> bool:
+        """True when ``uid`` is scored or received and waiting to be scored (routers skip it)."""
+        with self._lock:
+            if uid in self._pending:
+                return True
+        return self.is_scored(uid) or (self.dirs["incoming"] / f"{uid}.dcm").exists()
+
     def _enqueue(self, uid: str) -> None:
         with self._lock:
             if uid in self._pending:
@@ -545,15 +616,23 @@ class ScoringNode:
     def _recover(self) -> None:
         """Queue what a previous run received but did not score, and SRs it did not forward."""
         incoming = sorted(self.dirs["incoming"].glob("*.dcm"), key=lambda p: p.stat().st_mtime)
-        recorded = self._recorded_uids() if incoming else set()
+        recorded = self._recorded_uids()
         requeued = 0
         for path in incoming:
             uid = path.stem
             if uid in recorded:  # crashed after the results row, before the move
                 self._finish_files(uid, "done")
             else:
+                meta = self._read_sidecar(uid)
+                self._touch_study(meta.get("study_instance_uid", ""), uid, meta.get("received_at", time.time()))
                 self._enqueue(uid)
                 requeued += 1
+        committed_studies = self._emitted_study_srs()
+        for stale in self.dirs["outbox"].glob(".*.link"):  # a link being made when the node stopped
+            stale.unlink(missing_ok=True)
+        for path in sorted(self.dirs["outbox"].glob("*.dcm")):
+            if not self._outbox_committed(path, recorded, committed_studies):
+                path.unlink(missing_ok=True)  # crashed before the commit: the image is scored again
         for path in sorted(self.dirs["forward_failed"].glob("*.dcm")):
             os.replace(path, self.dirs["outbox"] / path.name)
         outbox = sorted(self.dirs["outbox"].glob("*.dcm"))
@@ -638,7 +717,7 @@ class ScoringNode:
                 "calling_ae": meta.get("calling_ae", ""), "received_at": f"{meta.get('received_at', 0):.3f}",
                 "scored_at": f"{scored_at:.3f}",
                 "latency_s": f"{scored_at - meta['received_at']:.3f}" if "received_at" in meta else "",
-                "score": f"{float(score):.6g}" if status == "ok" else "",
+                "score": f"{float(score):.10g}" if status == "ok" else "",
                 "raw_score": f"{float(raw):.10g}" if status == "ok" and _finite(raw) else "",
                 "ood": str(bool(row.get("ood", False))).lower() if status == "ok" else "",
                 "ood_reason": str(row.get("ood_reason") or "") if status == "ok" else "",
@@ -648,19 +727,146 @@ class ScoringNode:
             })
             if sr_path:
                 to_forward.append(Path(sr_path))
+        # outbox links before the commit, queued after it: see _recover
+        links = [self._link_outbox(sr, sr.name) for sr in to_forward] if s.forward is not None else []
         self._append_results(records)  # the row is the commit point (see _recover)
+        self._note_scored(records)
         for rec in records:
             self._finish_files(rec["sop_instance_uid"], "done" if rec["status"] == "ok" else "failed")
             self.audit("scored" if rec["status"] == "ok" else "score_failed",
                        sop_instance_uid=rec["sop_instance_uid"], calling_ae=rec["calling_ae"],
                        status=rec["status"], score=float(rec["score"]) if rec["score"] else None,
                        reason=rec["reason"] or None)
-        if s.forward is not None:
-            for sr in to_forward:
-                link = self.dirs["outbox"] / sr.name
-                with contextlib.suppress(FileExistsError):
-                    os.link(sr, link)
-                self._forward_queue.put(link)
+        for link in links:
+            self._forward_queue.put(link)
+
+    def _link_outbox(self, src: Path, name: str) -> Path:
+        """Hard-link ``src`` as ``outbox/name``, replacing an older link of that name atomically."""
+        link = self.dirs["outbox"] / name
+        tmp = self.dirs["outbox"] / f".{name}.{threading.get_ident()}.link"
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, link)
+        return link
+
+    # ------------------------------------------------------------------ study state and study SRs
+    def _touch_study(self, study: str, uid: str, when: float) -> None:
+        if not study:
+            return
+        with self._lock:
+            state = self._studies.setdefault(study, _Study())
+            state.pending.add(uid)
+            state.last_activity = max(state.last_activity, float(when))
+
+    def _note_scored(self, records: list[dict]) -> None:
+        now = time.time()
+        with self._lock:
+            for rec in records:
+                uid, study = rec["sop_instance_uid"], rec["study_instance_uid"]
+                if rec["status"] == "ok":
+                    self._scored.add(uid)
+                if not study:
+                    continue
+                state = self._studies.setdefault(study, _Study())
+                state.pending.discard(uid)
+                state.last_activity = now
+                if rec["status"] == "ok":
+                    state.images[uid] = _image_entry(rec)
+
+    def _load_state(self) -> None:
+        """Scored UIDs and per-study state from ``results.csv`` and ``studies.csv`` (crash-safe restart)."""
+        with self._lock:
+            for row in _read_csv_rows(self.results_path):
+                if row.get("status") != "ok" or not row.get("sop_instance_uid"):
+                    continue
+                uid, study = row["sop_instance_uid"], row.get("study_instance_uid", "")
+                self._scored.add(uid)
+                if study and _finite(row.get("score")):
+                    state = self._studies.setdefault(study, _Study())
+                    state.images[uid] = _image_entry(row)
+                    if _finite(row.get("scored_at")):
+                        state.last_activity = max(state.last_activity, float(row["scored_at"]))
+            for row in _read_csv_rows(self.studies_path):
+                state = self._studies.setdefault(row["study_instance_uid"], _Study())
+                state.emitted = set((row.get("image_uids") or "").split())
+                state.last_sr_uid = row.get("sr_sop_instance_uid", "")
+
+    def studies_due(self, now: float | None = None) -> list[str]:
+        """Studies whose study SR is due: scored images not yet reported, nothing pending, quiet long enough
+        (since their last image, the node's start and the end of the last :attr:`study_hold`)."""
+        now = time.time() if now is None else now
+        quiet = self.settings.study_quiet_s
+        if self.study_hold is not None and self.study_hold():
+            self._quiet_since = now
+            return []
+        with self._lock:
+            return [study for study, st in self._studies.items()
+                    if st.images and not st.pending and set(st.images) != st.emitted
+                    and now - max(st.last_activity, self._quiet_since) >= quiet]
+
+    def _study_loop(self) -> None:
+        tick = min(1.0, max(0.05, self.settings.study_quiet_s / 4))
+        while not self._stopping.wait(tick):
+            for study in self.studies_due():
+                try:
+                    self._emit_study(study)
+                except Exception as err:  # noqa: BLE001 - try again after the next quiet period
+                    with self._lock:
+                        self._studies[study].last_activity = time.time()
+                    self.audit("study_report_failed", status="failed", study_instance_uid=study,
+                               reason=f"{type(err).__name__}: {err}")
+                    _log.warning("cannot write the study SR of %s: %s", study, err)
+
+    def _emit_study(self, study: str) -> Path | None:
+        """Write, commit (``studies.csv``) and queue the study SR of ``study``."""
+        import pydicom
+        from pydicom.uid import generate_uid
+
+        from salad_med.dicom.study import aggregate, write_study_sr
+
+        s = self.settings
+        with self._lock:
+            state = self._studies[study]
+            images = dict(state.images)
+            previous_uid = state.last_sr_uid
+        uids = [u for u in sorted(images) if (self.dirs["done"] / f"{u}.dcm").exists()]
+        if not uids:
+            with self._lock:
+                state.emitted = set(images)
+            return None
+        path = self.dirs["study_sr"] / f"{study}.dcm"
+        previous = None
+        if previous_uid and path.exists():
+            with quiet_phi_warnings():
+                prev = pydicom.dcmread(path, stop_before_pixels=True)
+            previous = [prev] if str(prev.SOPInstanceUID) == previous_uid else None
+        sr_uid = generate_uid()
+        entries = [images[u] for u in uids]
+        write_study_sr([self.dirs["done"] / f"{u}.dcm" for u in uids], [e[0] for e in entries], path,
+                       raw_scores=[e[1] for e in entries], out_of_distribution=[e[2] for e in entries],
+                       how=s.study_aggregate, algorithm_name=s.algorithm_name, algorithm_version=s.algorithm_version,
+                       algorithm_parameters=s.algorithm_parameters or None, sop_instance_uid=sr_uid,
+                       series_instance_uid=generate_uid(
+                           entropy_srcs=[f"{study}|salad-med study SR|{s.algorithm_name}"]),  # one series per study
+                       previous_versions=previous)
+        link = self._link_outbox(path, f"{_STUDY_PREFIX}{study}.dcm") if s.forward is not None else None
+        raws = [e[1] for e in entries if e[1] is not None]
+        row = {"study_instance_uid": study, "emitted_at": f"{time.time():.3f}", "n_images": len(uids),
+               "score": f"{aggregate([e[0] for e in entries], s.study_aggregate):.10g}",
+               "raw_score": f"{aggregate(raws, s.study_aggregate):.10g}" if len(raws) == len(uids) else "",
+               "aggregate": s.study_aggregate, "sr_sop_instance_uid": sr_uid,
+               "sr_path": str(Path("study_sr") / path.name), "image_uids": " ".join(uids)}
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=STUDY_LOG_COLUMNS, lineterminator="\n").writerow(row)
+        self._append(self.studies_path, buf.getvalue())  # the commit point of the study SR
+        with self._lock:
+            state.emitted = set(uids)
+            state.last_sr_uid = sr_uid
+        self.audit("study_reported", status="ok", study_instance_uid=study, n_images=len(uids),
+                   score=float(row["score"]), sr_sop_instance_uid=sr_uid)
+        if link is not None:
+            self._forward_queue.put(link)
+        return path
 
     def _read_sidecar(self, uid: str) -> dict:
         try:
@@ -675,9 +881,27 @@ class ScoringNode:
         self._sidecar(uid).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ forward (one thread)
+    def _sweep_forward_failed(self) -> None:
+        """Move SRs whose forwarding failed back to the outbox and queue them again."""
+        for path in sorted(self.dirs["forward_failed"].glob("*.dcm")):
+            target = self.dirs["outbox"] / path.name
+            os.replace(path, target)
+            self._forward_queue.put(target)
+
     def _forward_loop(self) -> None:
+        sweep = self.settings.forward_sweep_s
+        next_sweep = time.monotonic() + sweep
         while True:
-            item = self._forward_queue.get()
+            if sweep and time.monotonic() >= next_sweep:  # busy or idle: failed SRs get another chance
+                next_sweep = time.monotonic() + sweep
+                try:
+                    self._sweep_forward_failed()
+                except OSError:
+                    _log.exception("cannot move forward_failed/ SRs back to the outbox")
+            try:
+                item = self._forward_queue.get(timeout=max(0.01, next_sweep - time.monotonic()) if sweep else None)
+            except queue.Empty:
+                continue
             if item is _STOP:
                 self._forward_queue.task_done()
                 return
@@ -703,7 +927,7 @@ class ScoringNode:
     def _forward(self, paths: list[Path]) -> None:
         target = self.settings.forward
         assert target is not None
-        pending, reason = list(paths), ""
+        pending, reason = [p for p in dict.fromkeys(paths) if p.exists()], ""  # sent already: skip
         for attempt in range(self.settings.forward_retries + 1):
             if attempt:
                 time.sleep(self.settings.forward_backoff_s * 2 ** (attempt - 1))
@@ -711,6 +935,8 @@ class ScoringNode:
             if not pending:
                 return
         for path in pending:
+            if not path.exists():
+                continue
             os.replace(path, self.dirs["forward_failed"] / path.name)
             self.audit("forward_failed", sop_instance_uid=path.stem, status="failed", reason=reason,
                        destination=f"{target.host}:{target.port}:{target.ae_title}")
@@ -724,6 +950,8 @@ class ScoringNode:
         failed, reason = [], ""
         try:
             for i, path in enumerate(paths):
+                if not path.exists():  # replaced by a newer version already sent
+                    continue
                 try:
                     status = assoc.send_c_store(path)
                 except Exception as err:  # noqa: BLE001 - e.g. the peer aborted: retry the rest later
@@ -747,6 +975,32 @@ class ScoringNode:
     def results(self) -> pd.DataFrame:
         """``results.csv`` as a DataFrame (UIDs kept as strings)."""
         return read_results(self.results_path)
+
+
+_STUDY_PREFIX = "study-"
+
+
+@dataclass
+class _Study:
+    """What the node knows of one study: scored images, images still pending, the last study SR."""
+
+    images: dict = field(default_factory=dict)  # SOP Instance UID -> (score, raw score | None, ood)
+    pending: set = field(default_factory=set)
+    emitted: set = field(default_factory=set)  # the images of the last committed study SR
+    last_activity: float = 0.0
+    last_sr_uid: str = ""
+
+
+def _image_entry(row: dict) -> tuple[float, float | None, bool]:
+    raw = row.get("raw_score")
+    return float(row["score"]), float(raw) if _finite(raw) else None, str(row.get("ood", "")).lower() == "true"
+
+
+def _read_csv_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
 
 
 def _finite(value) -> bool:

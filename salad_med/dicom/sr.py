@@ -14,6 +14,9 @@ One Comprehensive SR per scored image, following :dcm:`TID 1500 <part16/chapter_
   measurement; the device observer is the algorithm;
 * the source image as evidence (Current Requested Procedure Evidence) and as "source of measurement",
   so the Patient and Study modules are inherited from it by highdicom, not hand-copied;
+* optionally (``salad-med score --maps``) the image's anomaly map (:mod:`salad_med.dicom.maps`, a
+  fractional Segmentation) as an IMAGE item ``(1005, 99SALAD, "Anomaly map")`` of the measurement group,
+  listed in the evidence too;
 * new Series and SOP Instance UIDs, Modality ``SR``, and the series description
   ``"SALAD anomaly score - not for clinical use"`` by default.
 
@@ -56,6 +59,7 @@ __all__ = [
     "RAW_ANOMALY_SCORE",
     "INPUT_DISTRIBUTION",
     "OUT_OF_DISTRIBUTION",
+    "ANOMALY_MAP",
     "NO_UNITS",
     "DEFAULT_SERIES_DESCRIPTION",
     "ScoreReport",
@@ -76,9 +80,13 @@ RAW_ANOMALY_SCORE = Code("1002", SALAD_SCHEME, "SALAD raw anomaly score")
 INPUT_DISTRIBUTION = Code("1003", SALAD_SCHEME, "Input distribution")
 #: Its value when the out-of-distribution guard flagged the image.
 OUT_OF_DISTRIBUTION = Code("1004", SALAD_SCHEME, "Out of distribution")
+#: Concept of an image's anomaly map (:mod:`salad_med.dicom.maps`), referenced by the measurement group.
+ANOMALY_MAP = Code("1005", SALAD_SCHEME, "Anomaly map")
 #: UCUM dimensionless unit.
 NO_UNITS = codes.UCUM.NoUnits
 DEFAULT_SERIES_DESCRIPTION = "SALAD anomaly score - not for clinical use"
+# code value of the study score (salad_med.dicom.study): an SR holding it is not a per-image SR
+_STUDY_SCORE_CODE = "1005"
 _TRACKING_ID = "SALAD anomaly score"
 # highdicom quotes the patient name in this warning, pydicom's value checks may quote values: never let
 # PHI reach a log
@@ -118,6 +126,7 @@ class ScoreReport:
         sop_instance_uid: SOP Instance UID of the SR itself.
         series_instance_uid: Series Instance UID of the SR itself.
         out_of_distribution: the SR carries the "Out of distribution" finding.
+        anomaly_map_sop_instance_uid: SOP Instance UID of the referenced anomaly map, or ``None``.
     """
 
     score: float
@@ -129,6 +138,7 @@ class ScoreReport:
     sop_instance_uid: str
     series_instance_uid: str
     out_of_distribution: bool = False
+    anomaly_map_sop_instance_uid: str | None = None
 
 
 def _load_header(source: Dataset | str | os.PathLike) -> Dataset:
@@ -184,6 +194,7 @@ def build_score_sr(
     series_description: str = DEFAULT_SERIES_DESCRIPTION,
     manufacturer: str = "salad-med",
     institution_name: str | None = None,
+    anomaly_map: Dataset | str | os.PathLike | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build (not write) the Comprehensive SR holding the anomaly score of one source image.
 
@@ -202,6 +213,8 @@ def build_score_sr(
         series_description: SR Series Description.
         manufacturer: Manufacturer of the "device" writing the SR.
         institution_name: optional Institution Name.
+        anomaly_map: the image's anomaly map instance (Dataset or path, e.g. from
+            :func:`salad_med.dicom.maps.write_map_segmentation`), referenced by the measurement group.
 
     Returns:
         The SR dataset, Patient/Study modules inherited from ``source``.
@@ -240,13 +253,22 @@ def build_score_sr(
             model_name=algorithm_version,
         ),
     )
+    extra_evidence = []
+    if anomaly_map is not None:
+        with quiet_phi_warnings():
+            map_header = _load_header(anomaly_map)
+        group[0].ContentSequence.append(hd.sr.ImageContentItem(
+            name=ANOMALY_MAP, referenced_sop_class_uid=map_header.SOPClassUID,
+            referenced_sop_instance_uid=map_header.SOPInstanceUID,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+        extra_evidence.append(map_header)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_PROCEDURE,
         imaging_measurements=[group],
     )
     with quiet_phi_warnings():
-        sr = _comprehensive_sr(header, report, series_instance_uid=series_instance_uid or generate_uid(),
+        sr = _comprehensive_sr(header, report, extra_evidence=extra_evidence, series_instance_uid=series_instance_uid or generate_uid(),
                                series_number=series_number, sop_instance_uid=sop_instance_uid or generate_uid(),
                                instance_number=instance_number, manufacturer=manufacturer,
                                institution_name=institution_name)
@@ -254,9 +276,10 @@ def build_score_sr(
     return sr
 
 
-def _comprehensive_sr(header: Dataset, report: hd.sr.MeasurementReport, **kwargs) -> hd.sr.ComprehensiveSR:
+def _comprehensive_sr(header: Dataset, report: hd.sr.MeasurementReport, *, extra_evidence: list[Dataset] = (),
+                      **kwargs) -> hd.sr.ComprehensiveSR:
     return hd.sr.ComprehensiveSR(
-        evidence=[header],
+        evidence=[header, *extra_evidence],
         content=report[0],
         is_complete=True,
         is_final=False,
@@ -320,11 +343,13 @@ def write_score_srs(scores, output_dir: str | os.PathLike, **kwargs) -> list[str
             is_dicom = False
         if is_dicom:
             raw = getattr(row, "raw_score", None)
+            map_path = str(getattr(row, "map_path", "") or "")  # score --maps: the image's map instance
             target = Path(output_dir) / f"{row.image_id}.dcm"
             try:
                 path = str(write_score_sr(row.source_path, float(row.score), target,
                                           raw_score=float(raw) if raw is not None and math.isfinite(raw) else None,
-                                          out_of_distribution=bool(getattr(row, "ood", False)), **kwargs))
+                                          out_of_distribution=bool(getattr(row, "ood", False)),
+                                          anomaly_map=map_path if map_path.endswith(".dcm") else None, **kwargs))
             except (DataError, ValueError) as err:
                 log.warning("no SR for %s: %s", row.image_id, err)
         out.append(path)
@@ -354,18 +379,24 @@ def read_score_sr(path_or_dataset: Dataset | str | os.PathLike) -> ScoreReport:
     texts: dict[str, str] = {}
     codes_found: set[tuple[tuple[str, str], tuple[str, str]]] = set()
     ref: Dataset | None = None
+    map_uid: str | None = None
     for item in _walk(ds.get("ContentSequence")):
         concept = _concept(item)
         if item.get("ValueType") == "NUM" and concept is not None:
             values[concept] = float(item.MeasuredValueSequence[0].NumericValue)
         elif item.get("ValueType") == "TEXT" and concept is not None and concept[1] == "DCM":
             texts.setdefault(concept[0], item.TextValue)
+        elif item.get("ValueType") == "IMAGE" and concept == (ANOMALY_MAP.value, SALAD_SCHEME):
+            map_uid = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         elif item.get("ValueType") == "IMAGE" and ref is None:
             ref = item.ReferencedSOPSequence[0]
         elif item.get("ValueType") == "CODE" and concept is not None and item.get("ConceptCodeSequence"):
             value = item.ConceptCodeSequence[0]
             codes_found.add((concept, (value.CodeValue, value.CodingSchemeDesignator)))
     key = (ANOMALY_SCORE.value, ANOMALY_SCORE.scheme_designator)
+    if (_STUDY_SCORE_CODE, SALAD_SCHEME) in values:  # salad_med.dicom.study.STUDY_ANOMALY_SCORE
+        msg = f"{name}: a salad-med study SR, not a per-image SR (read it with salad_med.dicom.study.read_study_sr)"
+        raise DataError(msg)
     if key not in values or ref is None:
         msg = f"{name}: not a salad-med score SR (no {ANOMALY_SCORE.meaning!r} measurement or image reference)"
         raise DataError(msg)
@@ -380,4 +411,5 @@ def read_score_sr(path_or_dataset: Dataset | str | os.PathLike) -> ScoreReport:
         series_instance_uid=str(ds.SeriesInstanceUID),
         out_of_distribution=((INPUT_DISTRIBUTION.value, SALAD_SCHEME), (OUT_OF_DISTRIBUTION.value, SALAD_SCHEME))
         in codes_found,
+        anomaly_map_sop_instance_uid=map_uid,
     )

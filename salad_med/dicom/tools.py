@@ -18,7 +18,7 @@ import os
 import subprocess
 from pathlib import Path
 
-__all__ = ["dcmtk_tool", "dcmtk_missing_reason", "is_dcmtk"]
+__all__ = ["dcmtk_tool", "dcmtk_missing_reason", "is_dcmtk", "STORESCU_SYNTAX_OPTIONS", "storescu_groups"]
 
 
 @functools.cache
@@ -57,3 +57,23 @@ def dcmtk_missing_reason(name: str) -> str:
         return f"dcmtk's {name} is not installed (apt-get install dcmtk)"
     return (f"only a non-dcmtk {name} was found ({', '.join(others)}; e.g. pynetdicom's script in a venv): "
             f"install dcmtk (apt-get install dcmtk)")
+
+
+#: dcmtk ``storescu`` option proposing a file's (compressed) transfer syntax; uncompressed ones need none.
+STORESCU_SYNTAX_OPTIONS = {"1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.4.90": "-xv",
+                           "1.2.840.10008.1.2.4.91": "-xw", "1.2.840.10008.1.2.4.70": "-xs",
+                           "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.51": "-xx",
+                           "1.2.840.10008.1.2.4.50": "-xy"}
+
+
+def storescu_groups(paths) -> list[tuple[list[str], list[Path]]]:
+    """Files grouped by transfer syntax with the ``storescu`` option proposing it: one association per group,
+    as a modality or PACS proposes what each file holds (``[(options, files), ...]``)."""
+    import pydicom
+
+    groups: dict[str, list[Path]] = {}
+    for p in paths:
+        ts = str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(ts, []).append(Path(p))
+    return [([STORESCU_SYNTAX_OPTIONS[ts]] if ts in STORESCU_SYNTAX_OPTIONS else [], files)
+            for ts, files in groups.items()]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_compare", "summarise_runs", "format_table", "TABLE1_METHODS"]
+__all__ = ["run_compare", "summarise_runs", "format_table", "write_compare_page", "TABLE1_METHODS"]
 
 #: The paper's Table 1 rows (the default of ``salad-med compare``).
 TABLE1_METHODS = ("salad", "dae", "memdae", "salad_no_rec", "salad_no_agg", "deep_svdd")
@@ -28,7 +28,9 @@ def run_compare(manifest: str | Path, methods: Sequence[str], seeds: Sequence[in
         manifest: split manifest.
         methods: ``train.method`` values.
         seeds: ``seed`` values.
-        output: folder: ``runs/<method>/seed<k>/``, ``runs.csv``, ``compare.csv``.
+        output: folder: ``runs/<method>/seed<k>/`` (each with ``eval-<split>/report.html``, images without
+            maps), ``runs.csv``, ``compare.csv`` and ``report.html`` (one row per method, the curves of
+            each method's first seed overlaid, links to the runs' reports).
         config: config file or name; ``overrides``: ``--set`` strings applied to every run.
         n_boot: bootstrap replicates per evaluation.
         split: evaluated split (``test``; selection always uses ``val``).
@@ -55,7 +57,8 @@ def run_compare(manifest: str | Path, methods: Sequence[str], seeds: Sequence[in
             run_dir = out / "runs" / method / f"seed{seed}"
             start = time.perf_counter()
             trained = train_from_manifest(cfg, manifest, run_dir)
-            ev = evaluate_run(run_dir, split, run_dir / f"eval-{split}", n_boot=n_boot, seed=seed, plots=False)
+            ev = evaluate_run(run_dir, split, run_dir / f"eval-{split}", n_boot=n_boot, seed=seed, plots=False,
+                              map_kind=None)
             row = {"method": method, "seed": seed, "val_auc": trained["best_val_auc"],
                    "best_epoch": trained["best_epoch"], "epochs": trained["epochs"], "steps": trained["steps"],
                    f"{split}_auc": ev["auc"], f"{split}_auprc": ev["auprc"],
@@ -68,7 +71,28 @@ def run_compare(manifest: str | Path, methods: Sequence[str], seeds: Sequence[in
     for frame, name in ((runs, "runs.csv"), (summary, "compare.csv")):
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.4f")
+    write_compare_page(out, runs, summary, split, title=f"compare: {len(methods)} methods x {len(seeds)} seeds",
+                       subtitle=f"manifest {Path(manifest).name}; trained with one config, selected on val, "
+                                f"evaluated on {split}")
     return runs, summary
+
+
+def write_compare_page(out: Path, runs, summary, split: str = "test", *, title: str, subtitle: str = "",
+                       per_anomaly=None) -> Path:
+    """``out/report.html`` from the runs under ``out/runs/<method>/seed<k>/eval-<split>/`` (see :func:`run_compare`)."""
+    import pandas as pd
+
+    from salad_med.evaluation.report import write_compare_report
+
+    curves, links = {}, {}
+    for r in runs.itertuples(index=False):
+        ev = Path("runs") / r.method / f"seed{r.seed}" / f"eval-{split}"
+        if r.method not in curves and (out / ev / "scores.csv").is_file():
+            curves[r.method] = pd.read_csv(out / ev / "scores.csv", dtype={"image_id": str})
+        if (out / ev / "report.html").is_file():
+            links[f"{r.method}, seed {r.seed}"] = (ev / "report.html").as_posix()
+    return write_compare_report(out / "report.html", summary, curves, title=title, subtitle=subtitle, runs=runs,
+                                links=links, per_anomaly=per_anomaly, split=split)
 
 
 def summarise_runs(runs, split: str = "test"):

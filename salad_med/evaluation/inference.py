@@ -155,10 +155,44 @@ class RunModel:
         return self.calibrate(self.raw_score_tensor(x))
 
     @torch.no_grad()
-    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor | None:
-        """(B, 1, S, S) anomaly maps on the input grid, or None for image-level methods."""
-        out = self.method.anomaly_map(self.model, self.scorer, self._prepare(x))
-        return None if out is None else out.float().cpu()
+    def anomaly_map(self, x: torch.Tensor, kind: str = "auto", **occlusion: Any) -> torch.Tensor:
+        """(B, 1, S, S) float32 anomaly maps on the input grid, on CPU (higher = more abnormal there).
+
+        Every method has one: its own (the DAE's reconstruction error) or the occlusion map of its
+        score (SALAD, MemDAE, Deep SVDD, classic detectors); ``kind`` picks another one of
+        :attr:`map_kinds` (see :mod:`salad_med.evaluation.maps`).
+
+        Raises:
+            ValueError: ``kind`` unknown or unavailable for this method.
+        """
+        from salad_med.evaluation.maps import compute_maps
+
+        return compute_maps(self.method, self.model, self.scorer, self._prepare(x), kind, **occlusion).cpu()
+
+    @property
+    def map_kinds(self) -> tuple[str, ...]:
+        """Map kinds of this run, the default first (e.g. ``("occlusion", "reconstruction")`` for SALAD)."""
+        from salad_med.evaluation.maps import available_map_kinds
+
+        return available_map_kinds(self.method, self.model)
+
+    def map_file(self, path: str | os.PathLike, kind: str = "auto", original: bool = True, **occlusion: Any):
+        """One file's anomaly map on the model grid and, with ``original``, on the file's pixel grid.
+
+        Returns:
+            :class:`~salad_med.evaluation.maps.FileMap`.
+
+        Raises:
+            Exception: whatever the reader/pipeline raises for a bad file; ValueError for a bad ``kind``.
+        """
+        from salad_med.evaluation.maps import FileMap, load_traced, resolve_map_kind
+
+        img, meta, trace = load_traced(self, path)
+        x = img[None]
+        amap = self.anomaly_map(x, kind, **occlusion)[0, 0].numpy()
+        raw = float(self.raw_score_tensor(x)[0])
+        return FileMap(str(path), img[0].numpy(), amap, trace.to_original(amap) if original else None,
+                       resolve_map_kind(self.method, self.model, kind), raw, meta)
 
     @torch.no_grad()
     def score_dataset(self, dataset, batch_size: int = 64, num_workers: int = 0) -> pd.DataFrame:

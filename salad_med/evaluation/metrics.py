@@ -7,18 +7,22 @@ Example:
     >>> auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
     0.75
     >>> lo, hi = bootstrap_ci(y, s, "auc", n_boot=1000, seed=0)
+    >>> youden_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]).threshold   # chosen on validation
+    0.8
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-__all__ = ["auc", "auprc", "bootstrap_ci", "METRICS"]
+__all__ = ["auc", "auprc", "bootstrap_ci", "METRICS", "Threshold", "youden_threshold", "confusion_at",
+           "roc_band", "pr_band"]
 
 
 def _check(y: Any, s: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -144,3 +148,108 @@ def bootstrap_ci(y: Any, s: Any, metric: str | Callable[[Any, Any], float] = "au
         raise ValueError(msg)
     lo, hi = np.quantile(np.asarray(values), [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """An operating point: images with ``raw_score >= threshold`` are called abnormal.
+
+    Attributes:
+        threshold: raw-score cut-off.
+        tpr: sensitivity on the data it was chosen on; ``fpr``: 1 - specificity there.
+        j: Youden's J = tpr - fpr at the cut-off.
+        n: rows it was chosen on; ``n_abnormal``: abnormal rows among them.
+    """
+
+    threshold: float
+    tpr: float
+    fpr: float
+    j: float
+    n: int
+    n_abnormal: int
+
+
+def youden_threshold(y: Any, s: Any) -> Threshold:
+    """The cut-off maximising Youden's J = sensitivity + specificity - 1 (choose it on *validation*).
+
+    Candidates are the distinct scores (``raw >= t`` is abnormal); ties of J go to the highest cut-off
+    (fewer false positives).
+
+    Raises:
+        ValueError: as :func:`auc`.
+    """
+    from sklearn.metrics import roc_curve
+
+    y_arr, s_arr = _check(y, s)
+    fpr, tpr, thr = roc_curve(y_arr, s_arr, drop_intermediate=False)
+    ok = np.isfinite(thr)  # sklearn prepends +inf (nobody abnormal)
+    j = tpr - fpr
+    best = int(np.flatnonzero(ok)[np.argmax(j[ok])])  # first = highest threshold among ties
+    return Threshold(float(thr[best]), float(tpr[best]), float(fpr[best]), float(j[best]), int(y_arr.size),
+                     int(y_arr.sum()))
+
+
+def confusion_at(y: Any, s: Any, threshold: float) -> dict[str, float]:
+    """``{"tp", "fp", "tn", "fn", "sensitivity", "specificity"}`` of ``s >= threshold`` against ``y``."""
+    y_arr, s_arr = _check(y, s)
+    pred = s_arr >= threshold
+    tp, fp = int((pred & (y_arr == 1)).sum()), int((pred & (y_arr == 0)).sum())
+    fn, tn = int((~pred & (y_arr == 1)).sum()), int((~pred & (y_arr == 0)).sum())
+    return {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp)}
+
+
+def _band(y: Any, s: Any, curve: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray], n_boot: int,
+          seed: int, alpha: float, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pointwise percentile band of ``curve(y, s, grid_x) -> values at grid_x`` over stratified bootstrap
+    replicates (the resampling of :func:`bootstrap_ci`)."""
+    y_arr, s_arr = _check(y, s)
+    xs = np.linspace(0.0, 1.0, grid)
+    pos, neg = np.flatnonzero(y_arr == 1), np.flatnonzero(y_arr == 0)
+    rng = np.random.default_rng(seed)
+    curves = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, pos.size, replace=True), rng.choice(neg, neg.size, replace=True)])
+        curves.append(curve(y_arr[idx], s_arr[idx], xs))
+    lo, hi = np.quantile(np.asarray(curves), [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
+    return xs, lo, hi
+
+
+def _roc_at(y: np.ndarray, s: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(y, s)
+    return np.interp(xs, fpr, tpr, left=0.0, right=1.0)
+
+
+def _pr_at(y: np.ndarray, s: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    from sklearn.metrics import precision_recall_curve
+
+    prec, rec, _ = precision_recall_curve(y, s)
+    prec = np.maximum.accumulate(prec)  # recall decreasing: best precision at recall >= r
+    return np.interp(xs, rec[::-1], prec[::-1])
+
+
+def roc_band(y: Any, s: Any, n_boot: int = 200, seed: int = 0, alpha: float = 0.05,
+             grid: int = 101) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pointwise percentile bootstrap band of the ROC curve: TPR on a fixed FPR grid.
+
+    Same stratified resampling as :func:`bootstrap_ci`; each replicate's ROC is linearly interpolated
+    at the grid.
+
+    Returns:
+        ``(fpr_grid, tpr_lo, tpr_hi)``, each (grid,).
+    """
+    return _band(y, s, _roc_at, n_boot, seed, alpha, grid)
+
+
+def pr_band(y: Any, s: Any, n_boot: int = 200, seed: int = 0, alpha: float = 0.05,
+            grid: int = 101) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pointwise percentile bootstrap band of the precision-recall curve: precision on a recall grid.
+
+    Each replicate's precision is interpolated (interpolated precision: the best precision at a recall
+    at least as high) at the grid.
+
+    Returns:
+        ``(recall_grid, precision_lo, precision_hi)``, each (grid,).
+    """
+    return _band(y, s, _pr_at, n_boot, seed, alpha, grid)

@@ -56,6 +56,7 @@ __all__ = [
     "BODY_PARTS",
     "ANOMALIES",
     "CARRIERS",
+    "EDGE_STRIPS",
     "PhantomSpec",
     "Phantom",
     "random_spec",
@@ -79,6 +80,8 @@ BODY_PARTS: tuple[str, ...] = (
 ANOMALIES: tuple[str, ...] = ("fracture", "implant", "lesion")
 #: Carrier kinds (``None`` = no carrier).
 CARRIERS: tuple[str, ...] = ("bright", "dark")
+#: Edge strip kinds of :attr:`PhantomSpec.edge_strip` (``None`` = none).
+EDGE_STRIPS: tuple[str, ...] = ("fading", "sliver")
 #: Regex matching an image path inside a MURA-v1.1 split folder.
 MURA_PATH_PATTERN = r"XR_[A-Z]+/patient\d{5}/study\d+_(positive|negative)/image\d+\.png"
 
@@ -111,6 +114,22 @@ class PhantomSpec:
             width, lesion radii, implant length/thickness and screw size (1 = the default, realistic
             small anomaly; 3-4 makes it clearly visible after a 512 -> 64 downsampling). The anomaly
             stays inside the body part.
+
+    The options below reproduce the failure families of body-part segmentation on real radiographs
+    (issue 17). They are off by default and draw from a random stream of their own, so every other
+    phantom stays byte-identical:
+
+    Attributes:
+        markers_touching: the L/R letter and the text box touch the body part's outline (burned in
+            over the skin line, as on FracAtlas); they stay outside ``body_mask``.
+        edge_strip: ``"fading"`` (an unexposed detector strip along one side, bright at the frame and
+            fading inwards over ~6 % of the side) or ``"sliver"`` (a thin, flat, bright collimator band,
+            ~2 % of the side); in ``strip_mask``, never body.
+        divider: a double exposure: the image holds two fields side by side, each with its own
+            background level and its own copy of the body part, separated by a white unexposed band with
+            grey penumbra strips (``strip_mask``); the carrier, if any, is left out.
+        fill_frame: a trunk (a wide ellipse of soft tissue) behind the limb fills ~90 % of the frame,
+            leaving background only in the corners (an infant on the detector).
     """
 
     height: int = 512
@@ -127,6 +146,10 @@ class PhantomSpec:
     patient_id: str | None = None
     study: str | None = None
     anomaly_scale: float = 1.0
+    markers_touching: bool = False
+    edge_strip: str | None = None
+    divider: bool = False
+    fill_frame: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -146,6 +169,8 @@ class PhantomSpec:
             problems.append(f"noise {self.noise} outside [0, 0.2]")
         if not 0.25 <= float(self.anomaly_scale) <= 8.0:
             problems.append(f"anomaly_scale {self.anomaly_scale} outside [0.25, 8]")
+        if self.edge_strip not in (*EDGE_STRIPS, None):
+            problems.append(f"edge_strip {self.edge_strip!r} not in {(*EDGE_STRIPS, None)}")
         if problems:
             msg = "invalid PhantomSpec: " + "; ".join(problems)
             raise ValueError(msg)
@@ -167,6 +192,8 @@ class Phantom:
         bone_mask: (H, W) bool, bones (before anomalies).
         anomaly_mask: (H, W) bool, inside ``body_mask``; all False when ``label == 0``.
         marker_mask: (H, W) bool, burned-in letter and text box (disjoint from ``body_mask``).
+        strip_mask: (H, W) bool, unexposed strips and dividers (:attr:`PhantomSpec.edge_strip`,
+            :attr:`PhantomSpec.divider`; disjoint from ``body_mask``; all False by default).
         label: 1 iff an anomaly was drawn.
         anomaly: ``None``, ``"fracture"``, ``"implant"`` or ``"lesion"``.
         patient_id: e.g. ``"patient00001"``.
@@ -199,6 +226,7 @@ class Phantom:
     window: tuple[float, float]
     seed: int
     spec: PhantomSpec = field(repr=False)
+    strip_mask: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def inverted(self) -> bool:
@@ -693,8 +721,33 @@ def _implant_mask(shape, bone: _Bone, par: np.ndarray, scale: float = 1.0) -> np
     return mask
 
 
-def _draw_markers(img, rng, body_mask, carrier_mask, has_carrier: bool, laterality: str, base: float):
-    """Burn an L/R letter and a text box into ``img`` outside the (dilated) body; return their mask."""
+def _place_touching(rng, body_mask: np.ndarray, taken: np.ndarray, hh: int, ww: int):
+    """Top-left (row, col) of an hh x ww window outside the body and ``taken`` that touches the body
+    (a body pixel within 1 px of the window); None when there is none."""
+    h, w = body_mask.shape
+    if hh + 2 > h or ww + 2 > w:
+        return None
+
+    def window_counts(m: np.ndarray, a: int, b: int) -> np.ndarray:
+        c = np.pad(np.cumsum(np.cumsum(m.astype(np.int32), axis=0), axis=1), ((1, 0), (1, 0)))
+        return c[a:, b:] - c[:-a, b:] - c[a:, :-b] + c[:-a, :-b]  # (h - a + 1, w - b + 1)
+
+    inside = window_counts(body_mask | taken, hh, ww) == 0
+    near = window_counts(body_mask, hh + 2, ww + 2)[:, :] > 0  # windows grown by 1 px on each side
+    ok = inside[1:-1, 1:-1] & near[: inside.shape[0] - 2, : inside.shape[1] - 2]
+    rr, cc = np.nonzero(ok)
+    if rr.size == 0:
+        return None
+    k = int(rng.integers(rr.size))
+    return int(rr[k]) + 1, int(cc[k]) + 1
+
+
+def _draw_markers(img, rng, body_mask, carrier_mask, has_carrier: bool, laterality: str, base: float,
+                  touching: bool = False):
+    """Burn an L/R letter and a text box into ``img`` outside the (dilated) body; return their mask.
+
+    With ``touching`` they are placed against the body's outline instead (still outside it).
+    """
     h, w = img.shape
     marker_mask = np.zeros(img.shape, dtype=bool)
     free = ~_dilate(body_mask, max(2, int(0.02 * min(h, w))))
@@ -712,7 +765,9 @@ def _draw_markers(img, rng, body_mask, carrier_mask, has_carrier: bool, laterali
     gap = max(2, round(0.015 * min(h, w)))  # markers keep clear of the carrier border
     for bitmap, is_box in ((letter, False), (box, True)):
         pos = None
-        if has_carrier:
+        if touching:
+            pos = _place_touching(rng, body_mask, marker_mask, *bitmap.shape)
+        elif has_carrier:
             on_carrier = rng.random() < 0.8
             first, second = (carrier_mask, ~carrier_mask) if on_carrier else (~carrier_mask, carrier_mask)
             pos = _place(rng, free, first, *bitmap.shape, pad=gap)
@@ -734,6 +789,72 @@ def _draw_markers(img, rng, body_mask, carrier_mask, has_carrier: bool, laterali
     return marker_mask
 
 
+def _edge_strip(shape: tuple[int, int], kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Mask and blend weight (H, W) of an unexposed strip along one random side.
+
+    ``"fading"``: full brightness at the frame, fading inwards over ~6 % of the side (weight
+    ``(1 - d / width) ** 1.5``, the mask where it is >= 0.25); ``"sliver"``: a flat band of ~2 %.
+    """
+    h, w = shape
+    side = int(rng.integers(4))  # 0 top, 1 bottom, 2 left, 3 right
+    across = h if side < 2 else w
+    dist = np.arange(across, dtype=np.float32)
+    if side in (1, 3):
+        dist = dist[::-1]
+    width = max(3.0, (0.06 if kind == "fading" else 0.02) * across * rng.uniform(0.9, 1.1))
+    if kind == "fading":
+        alpha = np.clip(1.0 - dist / width, 0.0, 1.0) ** 1.5
+        band = alpha >= 0.25
+    else:
+        band = dist < width
+        alpha = band.astype(np.float32)
+    if side < 2:
+        alpha, band = np.repeat(alpha[:, None], w, axis=1), np.repeat(band[:, None], w, axis=1)
+    else:
+        alpha, band = np.repeat(alpha[None, :], h, axis=0), np.repeat(band[None, :], h, axis=0)
+    return band, alpha.astype(np.float32)
+
+
+def _double_exposure(spec: PhantomSpec, seed: int) -> Phantom:
+    """Two exposures side by side (each a phantom of half the width, its own background) separated by a
+    white unexposed divider with grey penumbra strips (``strip_mask``)."""
+    rng = np.random.default_rng([int(seed), 0xD171])
+    h, w = int(spec.height), int(spec.width)
+    core = max(3, round(0.025 * w))
+    strip = max(2, round(0.03 * w))
+    half = (w - core - 2 * strip) // 2
+    sub = dataclasses.replace(spec, divider=False, carrier=None, width=half, bits_stored=16, monochrome1=False)
+    left, right = make_phantom(sub, seed), make_phantom(dataclasses.replace(sub, body_part=spec.body_part), seed + 7919)
+    grey = float(rng.uniform(0.15, 0.22))
+    mid = np.concatenate([np.full((h, strip), grey, np.float32), np.full((h, core), 0.97, np.float32),
+                          np.full((h, strip), grey, np.float32)], axis=1)
+    pad_w = w - 2 * half - mid.shape[1]
+    img = np.concatenate([left.display(), mid, right.display(), np.full((h, pad_w), grey, np.float32)], axis=1)
+    img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(0.004)
+
+    def join(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, np.zeros((h, mid.shape[1]), bool), b, np.zeros((h, pad_w), bool)], axis=1)
+
+    strip_mask = join(np.zeros((h, half), bool), np.zeros((h, half), bool))
+    strip_mask[:, half: half + mid.shape[1]] = True
+    strip_mask[:, w - pad_w:] = True
+    bits = int(spec.bits_stored)
+    maxv = float(2**bits - 1)
+    stored = np.clip(np.rint(np.clip(img, 0.0, 1.0) * maxv), 0, maxv)
+    if spec.monochrome1:
+        stored = maxv - stored
+    body = join(left.body_mask, right.body_mask)
+    return Phantom(
+        image=stored.astype(np.uint8 if bits == 8 else np.uint16), bits_stored=bits,
+        photometric=_PHOTOMETRIC[0 if spec.monochrome1 else 1], carrier_polygon=None,
+        carrier_mask=np.zeros((h, w), bool), body_mask=body, bone_mask=join(left.bone_mask, right.bone_mask),
+        anomaly_mask=join(left.anomaly_mask, right.anomaly_mask), marker_mask=join(left.marker_mask, right.marker_mask),
+        label=max(left.label, right.label), anomaly=spec.anomaly, patient_id=left.patient_id, body_part=spec.body_part,
+        study=left.study, laterality=left.laterality, pixel_spacing=left.pixel_spacing, window=(maxv / 2, maxv),
+        seed=int(seed), spec=spec, strip_mask=strip_mask,
+    )
+
+
 def make_phantom(spec: PhantomSpec, seed: int) -> Phantom:
     """Draw one synthetic radiograph with ground truth.
 
@@ -744,6 +865,8 @@ def make_phantom(spec: PhantomSpec, seed: int) -> Phantom:
     Returns:
         :class:`Phantom` with ``image`` (H, W) ``uint8``/``uint16`` as stored and (H, W) bool masks.
     """
+    if spec.divider:
+        return _double_exposure(spec, seed)
     rng = np.random.default_rng([int(seed), 0x5A1AD])
     h, w = int(spec.height), int(spec.width)
     shape = (h, w)
@@ -821,6 +944,14 @@ def make_phantom(spec: PhantomSpec, seed: int) -> Phantom:
     bone_val *= 1.0 + 0.08 * np.repeat(np.repeat(tex, cell, axis=0), cell, axis=1)[:h, :w]
 
     # --- compose: blur (projection unsharpness), metal, noise ----------------------------------
+    if spec.fill_frame:  # a trunk behind the limb fills the frame: background only in the corners
+        tr = np.random.default_rng([int(seed), 0x7A0C])
+        cx, cy = (w - 1) * tr.uniform(0.45, 0.55), (h - 1) * tr.uniform(0.45, 0.55)
+        ax, ay = 0.57 * w * tr.uniform(0.95, 1.05), 0.57 * h * tr.uniform(0.95, 1.05)
+        r2 = ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2
+        trunk = r2 < 1.0
+        soft_mask = soft_mask | trunk
+        soft_thick = np.maximum(soft_thick, np.sqrt(np.clip(1.0 - r2, 0.0, 1.0)).astype(np.float32))
     body_mask = soft_mask | bone_mask | implant_mask
     soft_val = np.where(soft_mask, soft_amp * (0.6 + 0.4 * soft_thick), 0.0).astype(np.float32)
     img = _blur3(img + soft_val + bone_val)
@@ -832,8 +963,15 @@ def make_phantom(spec: PhantomSpec, seed: int) -> Phantom:
 
     # --- 5. markers (burned in after acquisition: sharp, noise-free) ---------------------------
     laterality = "L" if rng.random() < 0.5 else "R"
-    marker_mask = (_draw_markers(img, rng, body_mask, carrier_mask, has_carrier, laterality, base)
+    marker_mask = (_draw_markers(img, rng, body_mask, carrier_mask, has_carrier, laterality, base,
+                                 touching=spec.markers_touching)
                    if spec.markers else np.zeros(shape, dtype=bool))
+    strip_mask = np.zeros(shape, dtype=bool)
+    if spec.edge_strip is not None:  # an unexposed strip along one side: no anatomy, no marker there
+        strip_mask, alpha = _edge_strip(shape, spec.edge_strip, np.random.default_rng([int(seed), 0x5791B]))
+        img = img * (1.0 - alpha) + np.float32(0.97) * alpha
+        for m in (body_mask, bone_mask, anomaly_mask, marker_mask):
+            m &= ~strip_mask
     np.clip(img, 0.0, 1.0, out=img)
 
     # --- 6. store: display [0, 1] -> [lo, hi] integers; MONOCHROME1 stored inverted ------------
@@ -860,7 +998,7 @@ def make_phantom(spec: PhantomSpec, seed: int) -> Phantom:
         anomaly_mask=anomaly_mask, marker_mask=marker_mask, label=label, anomaly=spec.anomaly,
         patient_id=spec.patient_id or f"patient{int(seed) % 100000:05d}", body_part=spec.body_part,
         study=spec.study or "study1", laterality=laterality,
-        pixel_spacing=(spacing, spacing), window=window, seed=int(seed), spec=spec,
+        pixel_spacing=(spacing, spacing), window=window, seed=int(seed), spec=spec, strip_mask=strip_mask,
     )
 
 

@@ -27,7 +27,8 @@ def compare(
     n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap replicates per evaluation.")] = 200,
 ) -> None:
     """Train each method x seed with the same config and budget, evaluate on test, print AUC/AUPRC
-    mean ± std per method (the paper's Table 1 layout) and write compare.csv and runs.csv.
+    mean ± std per method (the paper's Table 1 layout) and write compare.csv, runs.csv and report.html
+    (one row per method, curves overlaid).
     """
     with cli_errors():
         from rich.console import Console
@@ -58,3 +59,4 @@ def compare(
                                  on_run=progress_line)
         Console().print(format_table(summary, f"test split of {manifest.name}, seeds {seeds}"))
         typer.echo(f"wrote {output / 'compare.csv'} and {output / 'runs.csv'}")
+        typer.echo(f"report: {output / 'report.html'}")

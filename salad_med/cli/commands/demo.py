@@ -37,6 +37,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         console.print(kinds)
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings"].items())
     console.print(f"total {summary['seconds']:.0f} s ({stages}); report in {summary['output']}/report")
+    console.print(f"report: {summary['report']}", soft_wrap=True)
 
 
 @app.command()

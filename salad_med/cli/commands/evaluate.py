@@ -30,6 +30,12 @@ def print_evaluation(result: dict) -> None:
         table.add_row(str(row["body_part"]), str(row["n"]), str(row["n_abnormal"]),
                       *("-" if v is None or v != v else f"{v:.4f}" for v in (row["auc"], row["auprc"])))
     console.print(table)
+    t = result.get("threshold")
+    if t:
+        c = t[result["split"]]
+        console.print(f"threshold (Youden's J on val): raw score >= {t['raw']:.6g} (score {t['score']:.3f}); on "
+                      f"{result['split']}: sensitivity {c['sensitivity']:.3f}, specificity {c['specificity']:.3f} "
+                      f"({c['fp']} false positives, {c['fn']} false negatives)")
 
 
 @app.command()
@@ -42,8 +48,14 @@ def evaluate(
                                                                            "the run was trained on).")] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best, last or a .pt path.")] = "best",
     n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap replicates of the 95% CIs.")] = 1000,
+    maps: Annotated[bool, typer.Option("--maps/--no-maps", help="Anomaly maps on the report's images "
+                                                                "(up to 84 images).")] = True,
+    map_kind: Annotated[str, typer.Option("--map-kind", help="auto (the method's default), occlusion, "
+                                                             "reconstruction or native.")] = "auto",
 ) -> None:
-    """Score a split with the run's best checkpoint: metrics.json, scores.csv, roc.png, pr.png, per_body_part.csv."""
+    """Score a split with the run's best checkpoint: metrics.json (with the threshold chosen on val by
+    Youden's J), scores.csv, roc.png, pr.png, per_body_part.csv and report.html (one self-contained page:
+    curves, distributions, the top/bottom images and the threshold's errors with their anomaly maps)."""
     with cli_errors():
         from salad_med.errors import ConfigError
         from salad_med.evaluation.evaluate import evaluate_run
@@ -54,6 +66,8 @@ def evaluate(
         if n_boot < 1:
             msg = f"--n-boot must be >= 1, got {n_boot}"
             raise ConfigError(msg)
-        result = evaluate_run(run, split, output, manifest=manifest, checkpoint=checkpoint, n_boot=n_boot)
+        result = evaluate_run(run, split, output, manifest=manifest, checkpoint=checkpoint, n_boot=n_boot,
+                              map_kind=map_kind if maps else None)
         print_evaluation(result)
         typer.echo(f"wrote {result['output']}/metrics.json, scores.csv, per_body_part.csv, roc.png, pr.png")
+        typer.echo(f"report: {result['report']}")

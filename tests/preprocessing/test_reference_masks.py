@@ -1,0 +1,66 @@
+"""Carrier detection + body-part segmentation against the verified masks of real radiographs.
+
+``tests/data/masks`` holds 68 masks (72 files of ``../shared/data``) drawn semi-automatically and
+corrected by eye on overlays, with a carrier verdict per image (see its README). The test runs the
+production ``folder`` pipeline on every file, prints Dice per image and the carrier verdicts, and
+checks them. Targets of issue 17 (``python -m benchmarks mask_quality`` prints them): median Dice >=
+0.97, every image >= 0.90, no false carrier, no carrier crop removing a body pixel. Asserted here
+are the targets that are met and, for the one that is not (every image >= 0.90), the measured level
+as a floor so that it cannot regress.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.mask_quality import MASKS, evaluate, load_references, summary_lines, to_reference_grid
+
+# measured with issue 17's segmentation: 16 of 72 files below 0.90, the lowest 0.751 (IMG0002598, a
+# double exposure whose divider is not found); the target (0 below 0.90) is not met yet
+MAX_BELOW_090 = 16
+MIN_DICE_FLOOR = 0.74
+
+
+def test_reference_masks_are_complete():
+    """>= 40 masks, each on the grid masks.csv states, with a carrier verdict (no data needed)."""
+    refs = load_references(MASKS)
+    assert refs["mask"].nunique() >= 40 and len(refs) == 72
+    for r in refs.itertuples():
+        assert r.reference.shape == (r.mask_height, r.mask_width) == (r.height // r.factor, r.width // r.factor)
+        assert r.factor == max(1, max(r.height, r.width) // 512)
+        assert 0.05 < r.reference.mean() < 0.99 and abs(r.reference.mean() - r.body_fraction) < 1e-3
+        assert r.carrier in ("yes", "no", "sliver")
+        assert Image.open(MASKS / r.mask).mode == "1"  # masks only: never image pixels
+    assert set(refs["group"]) == {"FracAtlas full", "FracAtlas small", "CR/DX DICOM"}
+
+
+def test_to_reference_grid_samples_block_centres():
+    mask = np.zeros((2880, 2304), dtype=bool)
+    mask[1000:1500, 500:900] = True
+    ref = to_reference_grid(mask, (2880, 2304), 5, (576, 460))
+    assert ref.sum() == 100 * 80 and ref[200:300, 100:180].all()
+    small = to_reference_grid(mask[::4, ::4], (2880, 2304), 5, (576, 460))  # any grid covering the file
+    assert abs(int(small.sum()) - 8000) <= 2 * (100 + 80)
+
+
+@pytest.fixture(scope="module")
+def results(shared_data):
+    return evaluate(shared_data)
+
+
+def test_dice_and_carrier_verdicts_on_verified_masks(results):
+    df = results
+    print("\n" + df[["file", "group", "dice", "carrier", "found", "crop_loss"]].to_string(
+        index=False, float_format=lambda v: f"{v:.3f}"))
+    print("\n".join(summary_lines(df)))
+    assert len(df) == 72
+    assert df["dice"].median() >= 0.97
+    assert not df["false_carrier"].any(), df.loc[df["false_carrier"], "file"].tolist()
+    assert (df["crop_loss"] == 0).all(), df.loc[df["crop_loss"] > 0, ["file", "crop_loss"]]
+    below = df[df["dice"] < 0.90]
+    assert len(below) <= MAX_BELOW_090 and df["dice"].min() >= MIN_DICE_FLOOR, below[["file", "dice"]]
+    # the same image in other transfer syntaxes gets the same answer (lossless: identical pixels)
+    twins = df.set_index("file")["dice"]
+    assert twins["RG3_UNCR.dcm"] == twins["RG3_J2KR.dcm"] and twins["RG2_JPLL.dcm"] == twins["RG2_JLSL.dcm"]

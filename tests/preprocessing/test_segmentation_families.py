@@ -1,0 +1,90 @@
+"""The failure families of body-part segmentation on real radiographs (issue 17), one phantom each.
+
+Each family is reproduced by a :class:`~salad_med.synthetic.PhantomSpec` option (off by default, so
+every other phantom stays byte-identical) and checked on the pipeline's carrier + segmentation: the
+artefact is not body, and the body part is found (Dice against ``body_mask``). Before issue 17 the
+markers were kept as body (100 % of their pixels), the bands and dividers too, and a trunk filling
+the frame was lost.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from preprocessing.carrier import detect_carrier
+from preprocessing.segmentation import segment_body_part
+from salad_med.synthetic.phantom import PhantomSpec, make_phantom
+
+
+def _normalize(img: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(img, [1.0, 99.0])
+    return np.clip((img.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+
+
+def _segment(ph) -> np.ndarray:
+    """Carrier + body-part mask on the input grid, as the pipeline runs them."""
+    x = _normalize(ph.display())
+    res = detect_carrier(x)
+    y0, y1, x0, x1 = res.box
+    mask = np.zeros(x.shape, dtype=bool)
+    mask[y0:y1, x0:x1] = segment_body_part(x[y0:y1, x0:x1], carrier=res.mask[y0:y1, x0:x1] if res.found else False)
+    return mask
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+PARTS = ("XR_FOREARM", "XR_HAND", "XR_WRIST", "XR_ELBOW")
+
+
+def _phantoms(**options):
+    return [make_phantom(PhantomSpec(height=384, width=320, body_part=part, **options), seed)
+            for seed, part in enumerate(PARTS, start=1)]
+
+
+def test_markers_touching_the_limb_are_not_body():
+    """L/R letters and label boxes burned in against the skin line: cut out of the body mask."""
+    kept, dices = [], []
+    for ph in _phantoms(markers_touching=True, carrier=None):
+        near = ph.marker_mask & _grown(ph.body_mask, 3)
+        assert near.any(), "the markers touch the body"
+        mask = _segment(ph)
+        kept.append((mask & ph.marker_mask).sum() / ph.marker_mask.sum())
+        dices.append(_dice(mask, ph.body_mask))
+    # measured: 0.13 of the marker pixels kept on average (a thin box outline can stay); 1.00 before
+    assert np.mean(kept) <= 0.25, kept
+    assert min(dices) >= 0.9, dices
+
+
+@pytest.mark.parametrize("kind", ["fading", "sliver"])
+def test_detector_strips_and_collimator_slivers_are_not_body(kind):
+    """A fading unexposed detector strip / a thin flat collimator band along one side."""
+    for ph in _phantoms(edge_strip=kind, carrier=None):
+        mask = _segment(ph)
+        assert (mask & ph.strip_mask).sum() <= 0.02 * ph.strip_mask.sum()
+        assert _dice(mask, ph.body_mask) >= 0.9
+
+
+def test_double_exposure_divider_is_not_body():
+    """Two exposures with their own backgrounds and a white divider with penumbra strips."""
+    for ph in [make_phantom(PhantomSpec(height=384, width=320, body_part=part, divider=True), seed)
+               for seed, part in ((2, "XR_HAND"), (3, "XR_WRIST"), (5, "XR_FINGER"))]:
+        mask = _segment(ph)
+        assert (mask & ph.strip_mask).sum() <= 0.05 * ph.strip_mask.sum()
+        assert _dice(mask, ph.body_mask) >= 0.88
+
+
+def test_body_filling_the_frame_is_found():
+    """A trunk fills ~90 % of the frame (an infant on the detector; FracAtlas IMG0002117 was found as
+    0.09 % of the image): the background is the air in the corners, not the trunk."""
+    for ph in _phantoms(fill_frame=True, carrier=None, markers=False):
+        assert ph.body_mask.mean() > 0.85
+        assert _dice(_segment(ph), ph.body_mask) >= 0.95
+
+
+def _grown(mask: np.ndarray, r: int) -> np.ndarray:
+    from scipy import ndimage as ndi
+
+    return ndi.binary_dilation(mask, iterations=r)
