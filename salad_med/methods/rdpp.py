@@ -104,6 +104,7 @@ __all__ = [
     "RDNet",
     "RDOutputs",
     "RDImageScore",
+    "FixedGaussianFilter",
     "OneClassBottleneck",
     "StudentDecoder",
     "kd_loss",
@@ -565,6 +566,30 @@ class RDNet(nn.Module):
         return self.teacher.net
 
 
+class FixedGaussianFilter(nn.Module):
+    """MONAI's ``GaussianFilter(2, sigma)`` (its ``gaussian_1d`` kernel: ``erf`` approximation, truncated at
+    4 sigma; separable, zero padding) with the kernel computed once and kept as a buffer, so that
+    TorchScript and ONNX see a convolution of fixed shape (MONAI's module builds its kernel from a
+    parameter at every call, which the ONNX exporter refuses).
+
+    Shapes:
+        (B, 1, H, W) -> (B, 1, H, W).
+    """
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        from monai.networks.layers.convutils import gaussian_1d
+
+        kernel = gaussian_1d(torch.tensor(float(sigma)), truncated=4.0, approx="erf").float()
+        self.pad = int(kernel.numel() // 2)
+        self.register_buffer("kernel_h", kernel.view(1, 1, -1, 1).clone(), persistent=False)
+        self.register_buffer("kernel_w", kernel.view(1, 1, 1, -1).clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.kernel_h, padding=(self.pad, 0))
+        return F.conv2d(x, self.kernel_w, padding=(0, self.pad))
+
+
 class RDImageScore(nn.Module):
     """``x (B, 1, S, S) -> (B, 1)``: the maximum of RD's smoothed anomaly map (what is exported).
 
@@ -579,11 +604,7 @@ class RDImageScore(nn.Module):
     def __init__(self, net: RDNet, sigma: float) -> None:
         super().__init__()
         self.net = net
-        self.smooth: nn.Module = nn.Identity()
-        if sigma > 0:
-            from monai.networks.layers import GaussianFilter
-
-            self.smooth = GaussianFilter(spatial_dims=2, sigma=float(sigma))
+        self.smooth: nn.Module = FixedGaussianFilter(sigma) if sigma > 0 else nn.Identity()
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         size = (x.shape[-2], x.shape[-1])
