@@ -55,7 +55,8 @@ weights).
 
 **Anomaly map and score** (RD's inference): ``M(x) = sum_k up(1 - cos_pixel(f_k, f^D_k))`` (bilinear
 up-sampling of each level's per-pixel map to the image), smoothed with a Gaussian (``params.map_sigma``
-pixels at 256 px, RD's sigma 4, scaled to ``data.image_size``); :meth:`Rdpp.anomaly_map` returns the
+pixels at 256 px, RD's sigma 4, scaled to ``data.image_size``; MONAI's kernel, fixed at construction:
+:class:`FixedGaussianFilter`); :meth:`Rdpp.anomaly_map` returns the
 smoothed ``(B, 1, S, S)`` map, and the image score is its maximum (:class:`RDImageScore`, exported to
 TorchScript/ONNX whole: teacher, projections, OCBE, decoder, map, smoothing and max).
 
