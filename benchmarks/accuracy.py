@@ -15,12 +15,13 @@ Data (``../shared/data``; nothing else is ever used):
   groups, AR 5 %, train fraction 0.3: 0.4 leaves 18 normals in val and test).
 * ``demo`` -- the ``salad-med demo`` phantoms (600 patients, unchanged), 64 x 64, its split.
 
-Methods: any registered method; ``name@preset`` trains ``name`` with ``configs/<preset>.yaml`` layered on
-the budget (e.g. ``salad@salad_cpu``). The SALAD variants train on the split with its known anomalies
-(the paper's AR); every other method trains on the same split without them (AR 0, as the paper's Table 1
-MemDAE and DAE). Budget: conv6, base 16 channels, batch 16, lr 1e-4, 10 + 4 x 5 epochs (30 epochs for
-every network; the classic detectors fit once), K 20; the same for every method and seed; CPU seconds of
-each run are reported.
+Methods: any registered method (the default list ends with the survey comparators ``rdpp`` and its ablation
+``rd``, whose SimCLR teacher is pre-trained inline once per data set with the same epoch budget);
+``name@preset`` trains ``name`` with ``configs/<preset>.yaml`` layered on the budget (e.g.
+``salad@salad_cpu``). The SALAD variants train on the split with its known anomalies (the paper's AR); every
+other method trains on the same split without them (AR 0, as the paper's Table 1 MemDAE and DAE). Budget:
+conv6, base 16 channels, batch 16, lr 1e-4, 10 + 4 x 5 epochs (30 epochs for every network; the classic
+detectors fit once), K 20; the same for every method and seed; CPU seconds of each run are reported.
 
 Each run is cached in the work folder (``runs/<dataset>/<method>/seed<k>/result.json``): an interrupted
 benchmark continues where it stopped, and a finished one prints its table again in seconds. Prints one
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+SHARED = Path(os.environ.get("SALAD_MED_SHARED_DATA", REPO.parent / "shared" / "data"))  # as tests/conftest.py
 
 _NO_CARRIER = ["data.dataset=folder", "preprocess.detect_carrier=false", "preprocess.segment=false"]
 #: dataset -> source folder, labels file, image size, preprocessing overrides, split parameters
@@ -55,7 +56,7 @@ DATASETS: dict[str, dict] = {
 BUDGET = ["model.arch=conv6", "model.base_channels=16", "train.batch_size=16", "train.lr=1e-4",
           "train.pretrain_epochs=10", "train.rounds=4", "train.epochs_per_round=5", "train.k=20", "score.k=20",
           "data.num_workers=0", "train.device=cpu"]
-DEFAULT_METHODS = "salad,salad@salad_cpu,salad@official,memdae,dae,deep_svdd,pixel_knn,pca,iforest,ocsvm"
+DEFAULT_METHODS = "salad,salad@salad_cpu,salad@official,memdae,dae,deep_svdd,pixel_knn,pca,iforest,ocsvm,rdpp,rd"
 #: Methods trained on the split with its known anomalies (the paper's AR); the others get the AR 0 split.
 AR_METHODS = {"salad", "salad_no_rec", "salad_no_agg"}
 

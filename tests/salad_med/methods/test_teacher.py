@@ -140,6 +140,11 @@ def test_methods_run_with_the_network_off(split, tmp_path, monkeypatch):
     run = load_run(tmp_path / "spade")
     x = torch.rand(2, 1, 32, 32)
     assert torch.isfinite(run.raw_score_tensor(x)).all() and run.anomaly_map(x).shape == (2, 1, 32, 32)
+    # RD++ (geomloss's Sinkhorn, the simplex noise) with a teacher run
+    train_from_manifest(load_config("demo", [*TINY_OVERRIDES, "train.method=rdpp", "train.max_steps_per_epoch=1",
+                                             f"params.teacher_run={tmp_path / 'simclr'}"]), split, tmp_path / "rdpp")
+    run = load_run(tmp_path / "rdpp")
+    assert torch.isfinite(run.raw_score_tensor(x)).all() and run.anomaly_map(x).shape == (2, 1, 32, 32)
     assert attempts == []
 
 
