@@ -1,4 +1,5 @@
-"""Run every benchmark: ``python -m benchmarks [NAME ...]`` (names = module names, e.g. ``split``)."""
+"""Run benchmarks: ``python -m benchmarks [NAME ...]`` (names = module names, e.g. ``split``; none: all of them),
+or one with its options: ``python -m benchmarks NAME --option ...`` (``python -m benchmarks NAME --help``)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import benchmarks
 
 def main(argv: list[str]) -> int:
     names = argv or sorted(i.name for i in pkgutil.iter_modules(benchmarks.__path__) if not i.name.startswith("_"))
+    options: list[str] = []
+    if len(argv) > 1 and argv[1].startswith("-"):  # one benchmark with its own options
+        names, options = argv[:1], argv[1:]
     failed = []
     for name in names:
         print(f"\n=== benchmarks.{name} ===", flush=True)
         start = time.perf_counter()
         module = importlib.import_module(f"benchmarks.{name}")
         try:
-            if module.main([]) not in (0, None):
+            if module.main(options) not in (0, None):
                 failed.append(name)
         except SystemExit as exc:  # a benchmark may sys.exit(code)
             if exc.code not in (0, None):
