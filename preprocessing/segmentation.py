@@ -366,17 +366,9 @@ def _field_background(g: np.ndarray, field: np.ndarray, noise: float, iterations
     peak = _dark_peak(v)
     if peak is None:
         return None
-    h, w = g.shape
-    half = min(h, w) >= 128  # the surface is slow: find it on a 2x box-reduced copy, then map it back
-    gs = _block_sums(g, 2) / 4.0 if half else g
-    fs = (_block_sums(field.astype(np.float32), 2) >= 4.0) if half else field  # blocks fully inside
-    if half and (h % 2 or w % 2):  # edge blocks padded with zeros are not in the field
-        fs[-1:, :] &= h % 2 == 0
-        fs[:, -1:] &= w % 2 == 0
-    edge = fs & ~_shrink(fs, 1)
-    bg = fs & (np.abs(gs - peak) <= 0.06)  # darker outliers (a dark strip beyond a border) not included
+    edge = field & ~_shrink(field, 1)
+    bg = field & (np.abs(g - peak) <= 0.06)  # darker outliers (a dark strip beyond a border) not included
     sigma = 0.01
-    surface = gs
     for it in range(iterations):
         lab, n = ndi.label(bg)
         if n == 0:
@@ -385,19 +377,13 @@ def _field_background(g: np.ndarray, field: np.ndarray, noise: float, iterations
         touching[lab[edge & bg]] = True
         touching[0] = False
         bg = touching[lab]
-        if bg.sum() < max(8, 0.005 * fs.sum()):
+        if bg.sum() < max(30, 0.005 * field.sum()):
             return None
-        surface = _smooth_background(gs, bg)
-        resid = (gs - surface)[bg]
+        surface = _smooth_background(g, bg)
+        resid = (g - surface)[bg]
         sigma = max(1.4826 * float(np.median(np.abs(resid - np.median(resid)))), 0.003)
         if it < iterations - 1:
-            bg = fs & (np.abs(gs - surface) <= max(3.0 * sigma, 0.03))
-    if half:
-        surface = _bilinear_up(surface, h, w, 2)
-        bg = field & (np.abs(g - surface) <= max(3.0 * sigma, 0.03)) & np.repeat(np.repeat(bg, 2, 0), 2, 1)[:h, :w]
-        resid = (g - surface)[bg]
-        if resid.size >= 8:  # the spread on the working grid (block means are less noisy)
-            sigma = max(1.4826 * float(np.median(np.abs(resid - np.median(resid)))), 0.003)
+            bg = field & (np.abs(g - surface) <= max(3.0 * sigma, 0.03))
     if sigma > 4.0 * noise + 0.01:
         return None
     return surface, sigma, bg
