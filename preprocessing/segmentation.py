@@ -195,9 +195,10 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright: np.ndarray, ceiling: f
     # exterior beyond them): a band crossing the field stays above background there, a limb ending
     # inside the field (a bone with its soft tissue) comes down to it
     seen = np.cumsum(ok, axis=1)
-    ends = ok & ((seen <= 3) | (seen > ok.sum(axis=1, keepdims=True) - 3))
-    ends_min = np.full((n_s, w), -1.0)
-    ends_min[:, sel] = np.where(ends, v, np.inf).min(axis=1)
+    head, tail = ok & (seen <= 3), ok & (seen > ok.sum(axis=1, keepdims=True) - 3)
+    ends_level = np.full((n_s, w), -1.0)  # the darker of the two ends (mean of 3 samples each)
+    ends_level[:, sel] = np.minimum(np.where(head, v, 0.0).sum(axis=1) / np.maximum(head.sum(axis=1), 1),
+                                    np.where(tail, v, 0.0).sum(axis=1) / np.maximum(tail.sum(axis=1), 1))
     lit = ok & bright[rows, cc]
     n_lit = lit.sum(axis=1)
     lit_mean = np.where(lit, v, 0.0).sum(axis=1) / np.maximum(n_lit, 1)  # the bright samples agree:
@@ -237,9 +238,9 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright: np.ndarray, ceiling: f
         part[idx] = True
         left = extend(idx[0] - 1, -1, part)
         right = extend(idx[-1] + 1, 1, part)
+        if float(ends_level[core_k[idx], idx].min()) <= ceiling:
+            continue  # the core comes down to background at an end of the field: a bone, not a divider
         white = float(np.median(meds[core_k[idx], idx])) >= 0.9  # unexposed white, not a cast (~0.8)
-        if not white and float(np.median(ends_min[core_k[idx], idx])) <= ceiling:
-            continue  # a grey core coming down to background at an end of the field: a bone, not a divider
         if (left and right or white and (left or right)) and part.sum() - idx.size >= min_strip:
             band |= part  # fields on both sides (on one side when white: a limb may touch the other)
     for start, step in ((0, 1), (w - 1, -1)):  # strips along the frame sides
