@@ -191,6 +191,14 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright: np.ndarray, ceiling: f
     spans[:, sel] = ok.sum(axis=1) / float(n_rows)
     end = max(2, n_rows // 16)  # a band runs from frame to frame: no background at either end
     reaches[:, sel] = (v[:, :end].mean(axis=1) > ceiling) & (v[:, -end:].mean(axis=1) > ceiling)
+    # the line's own ends in the valid region (the first and last 3 valid samples, not the carrier's
+    # exterior beyond them): a band crossing the field stays above background there, a limb ending
+    # inside the field (a bone with its soft tissue) comes down to it
+    seen = np.cumsum(ok, axis=1)
+    head, tail = ok & (seen <= 3), ok & (seen > ok.sum(axis=1, keepdims=True) - 3)
+    ends_level = np.full((n_s, w), -1.0)  # the darker of the two ends (mean of 3 samples each)
+    ends_level[:, sel] = np.minimum(np.where(head, v, 0.0).sum(axis=1) / np.maximum(head.sum(axis=1), 1),
+                                    np.where(tail, v, 0.0).sum(axis=1) / np.maximum(tail.sum(axis=1), 1))
     lit = ok & bright[rows, cc]
     n_lit = lit.sum(axis=1)
     lit_mean = np.where(lit, v, 0.0).sum(axis=1) / np.maximum(n_lit, 1)  # the bright samples agree:
@@ -230,6 +238,8 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright: np.ndarray, ceiling: f
         part[idx] = True
         left = extend(idx[0] - 1, -1, part)
         right = extend(idx[-1] + 1, 1, part)
+        if float(ends_level[core_k[idx], idx].min()) <= ceiling:
+            continue  # the core comes down to background at an end of the field: a bone, not a divider
         white = float(np.median(meds[core_k[idx], idx])) >= 0.9  # unexposed white, not a cast (~0.8)
         if (left and right or white and (left or right)) and part.sum() - idx.size >= min_strip:
             band |= part  # fields on both sides (on one side when white: a limb may touch the other)
@@ -328,11 +338,16 @@ def _bilinear_up(small: np.ndarray, h: int, w: int, f: int) -> np.ndarray:
     return rows[:, c0] * (1 - fc)[None, :] + rows[:, c1] * fc[None, :]
 
 
-def _dark_peak(v: np.ndarray, min_mass: float = 0.03) -> float | None:
-    """The background grey level of ``v``: of the histogram peaks holding >= ``min_mass`` of the values
-    (within +-4 of 128 bins) that are the darkest, or lie below the median and within 0.12 of the
-    darkest, the one holding the most (a thin dark divider holds less than the background next to it;
-    a trunk filling the frame is far brighter than the air in its corners)."""
+def _dark_peaks(v: np.ndarray, min_mass: float = 0.03) -> list[float]:
+    """Candidate background grey levels of ``v``, the likelier first (empty when there is no peak).
+
+    Of the histogram peaks holding >= ``min_mass`` of the values (within +-4 of 128 bins): first the
+    one holding the most among the darkest and those below the median (a thin dark divider, or a dark
+    strip of exterior beyond a missed carrier side, holds less than the background next to it); then,
+    when it differs, the one holding the most among the darkest and those within 0.12 of it (soft
+    tissue or a trunk filling much of the frame can hold more than the air next to it, but it is
+    brighter and textured: :func:`_field_background` takes the flatter of the two).
+    """
     hist, edges = np.histogram(v, bins=128, range=(0.0, 1.0))
     smooth = ndi.gaussian_filter1d(hist.astype(np.float64), 1.5)
     mass = ndi.uniform_filter1d(hist.astype(np.float64), 9, mode="constant") * 9
@@ -340,18 +355,21 @@ def _dark_peak(v: np.ndarray, min_mass: float = 0.03) -> float | None:
     peaks = np.flatnonzero((smooth >= np.roll(smooth, 1)) & (smooth >= np.roll(smooth, -1)) & (hist > 0)
                            & (mass >= min_mass * v.size))
     if not peaks.size:
-        return None
-    darkest = centre[peaks[0]]  # the darkest always counts; others lie close to it and below the median
-    dark = peaks[(peaks == peaks[0]) | ((centre[peaks] <= float(np.median(v))) & (centre[peaks] <= darkest + 0.12))]
-    return float(centre[dark[np.argmax(mass[dark])]])
+        return []
+    darkest = centre[peaks[0]]  # the darkest always counts
+    below = peaks[(peaks == peaks[0]) | (centre[peaks] <= float(np.median(v)))]
+    near = peaks[(peaks == peaks[0]) | ((centre[peaks] <= float(np.median(v))) & (centre[peaks] <= darkest + 0.12))]
+    first, second = (float(centre[c[np.argmax(mass[c])]]) for c in (below, near))
+    return [first] if second == first else [first, second]
 
 
 def _field_background(g: np.ndarray, field: np.ndarray, noise: float, iterations: int = 3
                       ) -> tuple[np.ndarray, float, np.ndarray] | None:
     """Background of one exposure field: surface ``B``, noise ``sigma`` and the background pixels.
 
-    Background is the darkest substantial grey level *connected to the field's border* (air reaches
-    the frame; dark anatomy such as lungs does not). Each round fits :func:`_smooth_background` to the
+    Background is a dark substantial grey level (:func:`_dark_peaks`: the most populous one, or the
+    darker candidate when its background is less than half as spread) *connected to the field's
+    border* (air reaches the frame; dark anatomy such as lungs does not). Each round fits :func:`_smooth_background` to the
     current background pixels and takes as background the border-connected pixels less than
     ``max(3 sigma, 0.03)`` from it, so the set follows a gradient across the field (much darker pixels,
     such as a dark strip beyond a carrier border, stay out of the fit).
@@ -362,21 +380,19 @@ def _field_background(g: np.ndarray, field: np.ndarray, noise: float, iterations
         as anatomy (its spread about ``B`` above ``4 noise + 0.01``, ``noise`` being the pixel noise of
         the image: lungs when a chest fills the frame).
     """
-    v = g[field]
-    peak = _dark_peak(v)
-    if peak is None:
-        return None
-    h, w = g.shape
-    half = min(h, w) >= 128  # the surface is slow: find it on a 2x box-reduced copy, then map it back
-    gs = _block_sums(g, 2) / 4.0 if half else g
-    fs = (_block_sums(field.astype(np.float32), 2) >= 4.0) if half else field  # blocks fully inside
-    if half and (h % 2 or w % 2):  # edge blocks padded with zeros are not in the field
-        fs[-1:, :] &= h % 2 == 0
-        fs[:, -1:] &= w % 2 == 0
-    edge = fs & ~_shrink(fs, 1)
-    bg = fs & (np.abs(gs - peak) <= 0.06)  # darker outliers (a dark strip beyond a border) not included
+    found = [_background_from(g, field, noise, peak, iterations) for peak in _dark_peaks(g[field])]
+    found = [f for f in found if f is not None]
+    if len(found) == 2 and found[1][1] < 0.5 * found[0][1]:
+        return found[1]  # the darker level is a clearly flatter background: the other was soft tissue
+    return found[0] if found else None
+
+
+def _background_from(g: np.ndarray, field: np.ndarray, noise: float, peak: float, iterations: int
+                     ) -> tuple[np.ndarray, float, np.ndarray] | None:
+    """:func:`_field_background` starting from the background grey level ``peak``."""
+    edge = field & ~_shrink(field, 1)
+    bg = field & (np.abs(g - peak) <= 0.06)  # darker outliers (a dark strip beyond a border) not included
     sigma = 0.01
-    surface = gs
     for it in range(iterations):
         lab, n = ndi.label(bg)
         if n == 0:
@@ -385,19 +401,13 @@ def _field_background(g: np.ndarray, field: np.ndarray, noise: float, iterations
         touching[lab[edge & bg]] = True
         touching[0] = False
         bg = touching[lab]
-        if bg.sum() < max(8, 0.005 * fs.sum()):
+        if bg.sum() < max(30, 0.005 * field.sum()):
             return None
-        surface = _smooth_background(gs, bg)
-        resid = (gs - surface)[bg]
+        surface = _smooth_background(g, bg)
+        resid = (g - surface)[bg]
         sigma = max(1.4826 * float(np.median(np.abs(resid - np.median(resid)))), 0.003)
         if it < iterations - 1:
-            bg = fs & (np.abs(gs - surface) <= max(3.0 * sigma, 0.03))
-    if half:
-        surface = _bilinear_up(surface, h, w, 2)
-        bg = field & (np.abs(g - surface) <= max(3.0 * sigma, 0.03)) & np.repeat(np.repeat(bg, 2, 0), 2, 1)[:h, :w]
-        resid = (g - surface)[bg]
-        if resid.size >= 8:  # the spread on the working grid (block means are less noisy)
-            sigma = max(1.4826 * float(np.median(np.abs(resid - np.median(resid)))), 0.003)
+            bg = field & (np.abs(g - surface) <= max(3.0 * sigma, 0.03))
     if sigma > 4.0 * noise + 0.01:
         return None
     return surface, sigma, bg
@@ -440,10 +450,11 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, openin
         raise _no_body(reason)
     t = float(filters.threshold_yen(vals))
     bands = _flat_bright(g, valid, t, 0.01 * g.size, grow=6)  # unexposed bands: not part of the image
-    peak = _dark_peak(vals)
-    if peak is not None:  # straight non-field bands: dividers of double exposures, strips along the frame
-        lines = _straight_bands(g, valid, t, ceiling=peak + 0.07)
-        bands |= _grow(lines, 1) & (g >= peak + 0.03) if lines.any() else lines
+    peaks = _dark_peaks(vals)
+    if peaks:  # straight non-field bands: dividers of double exposures, strips along the frame (ceiling
+        # above the darker candidate level: a band is brighter than any background next to it)
+        lines = _straight_bands(g, valid, t, ceiling=peaks[-1] + 0.07)
+        bands |= _grow(lines, 1) & (g >= peaks[-1] + 0.03) if lines.any() else lines
     if bands.any() and (valid & ~bands).sum() >= 0.25 * valid.sum():
         valid = valid & ~bands
     mask = np.zeros(g.shape, dtype=bool)
@@ -475,7 +486,12 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, openin
     keep[0] = False
     mask = _fill_holes(keep[lab], contrast)
     markers = _markers(g if raw is None else raw, valid, contrast)
-    return mask & ~markers if markers.any() else mask
+    if markers.any():
+        mask = mask & ~markers
+    if not mask.any():
+        reason = "only burned-in markers above the background"
+        raise _no_body(reason)
+    return mask
 
 
 def _markers(x: np.ndarray, valid: np.ndarray, contrast: np.ndarray, level: float = 0.85,
@@ -644,7 +660,8 @@ def segment_body_part(
         (H, W) bool mask on the input grid.
 
     Raises:
-        ValueError: ``"no body part found: ..."`` for a constant or empty image, or a wrong shape.
+        ValueError: ``"no body part found: ..."`` for a constant or empty image, when nothing but
+            burned-in markers lies above the background (never an empty mask), or a wrong shape.
     """
     arr = plane_2d(image, "segment_body_part")
     arr = finite(arr)
@@ -668,7 +685,11 @@ def segment_body_part(
     g = ndi.gaussian_filter(small, 1.0)
     radius = max(1, round(2 * max(small.shape) / 256)) if opening_radius is None else int(opening_radius)
     mask = _segment_work(g, valid_small, keep_fraction, radius, raw=_work_max(arr, work_size, small.shape))
-    return _upsample(mask, arr.shape, factor, offset)
+    mask = _upsample(mask, arr.shape, factor, offset)
+    if not mask.any():  # never an empty mask: the caller would crop and normalise on nothing
+        reason = "the body part vanishes on the input grid"
+        raise _no_body(reason)
+    return mask
 
 
 def _work_max(image: np.ndarray, work_size: int, shape: tuple[int, int]) -> np.ndarray:
