@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from preprocessing.atomic import atomic_path, atomic_write_text
+
 __all__ = ["run_demo", "QUICK_OVERRIDES", "DEMO_ANOMALY_SCALE", "DEMO_BODY_PARTS", "DEMO_SPEC_OVERRIDES",
            "DEMO_PATIENTS"]
 
@@ -152,14 +154,16 @@ def run_demo(output: str | Path, config: str | None = "demo", overrides: Sequenc
     plot_score_histograms(y, column("score"), report / "score_histograms.png")
     per_kind = _per_anomaly_auc(scores, kinds)
     if per_kind is not None:
-        per_kind.to_csv(report / "auc_per_anomaly.csv", index=False, float_format="%.4f")
+        with atomic_path(report / "auc_per_anomaly.csv") as tmp:
+            per_kind.to_csv(tmp, index=False, float_format="%.4f")
     preview = out / "preprocessed" / "preview.png"
     if preview.is_file():
         shutil.copyfile(preview, report / "preprocess_preview.png")
     dicom_dir = out / "data" / "dicom"
     if n_dicom and dicom_dir.is_dir():  # the `salad-med score` path, with the first method's run
         ds = load_run(out / "runs" / methods[0]).score_paths([dicom_dir])
-        ds.to_csv(report / "dicom_scores.csv", index=False, float_format="%.6g")
+        with atomic_path(report / "dicom_scores.csv") as tmp:
+            ds.to_csv(tmp, index=False, float_format="%.6g")
     t = _stage(timings, "report", t)
     total = round(time.perf_counter() - start, 1)
     summary_out = {"results": results, "timings": timings, "seconds": total, "output": str(out),
@@ -174,8 +178,9 @@ def run_demo(output: str | Path, config: str | None = "demo", overrides: Sequenc
         subtitle=f"test split: {results[0]['n_test']} images, {results[0]['n_test_abnormal']} abnormal; "
                  f"total {total:.0f} s", links={f"{m}: evaluation report with anomaly maps": f"{m}/report.html"
                                                 for m in methods}, per_anomaly=per_kind))
-    (report / "summary.json").write_text(json.dumps(summary_out, indent=2))
-    pd.DataFrame(results).to_csv(report / "results.csv", index=False, float_format="%.4f")
+    atomic_write_text(report / "summary.json", json.dumps(summary_out, indent=2))
+    with atomic_path(report / "results.csv") as tmp:
+        pd.DataFrame(results).to_csv(tmp, index=False, float_format="%.4f")
     return summary_out
 
 
