@@ -55,11 +55,11 @@ from pydicom.uid import generate_uid
 from preprocessing.atomic import atomic_path
 from salad_med import __version__
 from salad_med.dicom.sr import (
-    PROCEDURE_REPORTED,
     ANOMALY_SCORE,
     INPUT_DISTRIBUTION,
     NO_UNITS,
     OUT_OF_DISTRIBUTION,
+    PROCEDURE_REPORTED,
     RAW_ANOMALY_SCORE,
     SALAD_SCHEME,
     algorithm_identification,

@@ -260,13 +260,13 @@ def test_students_resume_exactly_across_and_within_the_phases(split, teachers, t
         # different summation order inside a multithreaded CPU kernel. One missed, repeated or differently
         # drawn step moves the weights by ~lr x grad = 1e-4 relative or more (checked below), far outside it.
         for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-8, msg=lambda m, k=key: f"{kill} {k}: {m}")
+            torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-8, msg=lambda m, k=key, at=kill: f"{at} {k}: {m}")
         np.testing.assert_allclose([r["loss_total"] for r in resumed.history],
                                    [r["loss_total"] for r in straight.history], rtol=1e-6)
         np.testing.assert_allclose([r["val_auc"] for r in resumed.history[1:]],
                                    [r["val_auc"] for r in straight.history[1:]], rtol=0, atol=1e-9)
         # the tolerance can fail: the resumed run's weights at the kill differ from the final ones by far more
-        drift = max(float(((before[k] - a[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)))
+        drift = max(float((before[k] - a[k]).abs().max() / a[k].abs().max().clamp_min(1e-12))
                     for k in a if k.startswith("students."))
         assert drift > 1e-4, drift
 
