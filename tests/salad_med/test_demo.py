@@ -43,16 +43,17 @@ def test_demo_quick(tmp_path):
 
 
 def test_demo_salad_separates_phantom_anomalies(tmp_path):
-    """SALAD alone (Eq. 1-4, the demo preset: paper defaults apart from the budget and L_rec's per-pixel mean)
-    finds the phantom anomalies.
+    """SALAD alone (Eq. 1-4, paper defaults apart from the budget) finds the phantom anomalies.
 
-    32x32 inputs, 200 patients, 10 pre-training epochs + 2 rounds x 3: measured test AUC 0.82 / 0.80 /
-    0.78 for seeds 0 / 1 / 2 (a broken bank, loss or score direction gives ~0.5).
+    32x32 inputs, 200 patients, 10 pre-training epochs + 2 rounds x 3, L_rec averaged over pixels: measured
+    test AUC 0.82 / 0.80 / 0.78 for seeds 0 / 1 / 2 (a broken bank, loss or score direction gives ~0.5).
+    At this tiny budget the paper's pixel sum has not converged yet (0.72 / 0.60 for seeds 0 / 1); at the
+    demo's own budget (64x64, 30 epochs) the sum is the better one (0.904 vs 0.849, docs/accuracy.md).
     """
     out = tmp_path / "demo"
     res = runner.invoke(app, ["demo", "--output", str(out), "--quick", "--patients", "200", "--methods", "salad",
                               "--set", "train.pretrain_epochs=10", "--set", "train.rounds=2",
-                              "--set", "train.epochs_per_round=3"])
+                              "--set", "train.epochs_per_round=3", "--set", "train.rec_reduction=mean"])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "report" / "summary.json").read_text())
     (salad,) = summary["results"]
