@@ -85,7 +85,7 @@ _OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 
 
 # ------------------------------------------------------------------------------------ helpers
-def work_copy(image: np.ndarray, work_size: int) -> tuple[np.ndarray, float, float]:
+def work_copy(image: np.ndarray, work_size: int, reduce: str = "mean") -> tuple[np.ndarray, float, float]:
     """Box-downsample ``image (H, W)`` so that its long side is ``<= work_size`` (cheaply).
 
     An integer factor ``f = step * block`` is used: every ``step``-th row/column is read and
@@ -95,6 +95,7 @@ def work_copy(image: np.ndarray, work_size: int) -> tuple[np.ndarray, float, flo
     Args:
         image: (H, W) float array.
         work_size: maximal long side of the copy.
+        reduce: ``"mean"`` of each block, or ``"max"`` (thin bright lines keep their full brightness).
 
     Returns:
         ``(small (h, w) float32, factor, offset)``: pixel centre ``i`` of the copy lies at
@@ -111,10 +112,14 @@ def work_copy(image: np.ndarray, work_size: int) -> tuple[np.ndarray, float, flo
     hs, ws = math.ceil(sub.shape[0] / block) * block, math.ceil(sub.shape[1] / block) * block
     if (hs, ws) != sub.shape:
         sub = np.pad(sub, ((0, hs - sub.shape[0]), (0, ws - sub.shape[1])), mode="edge")
-    # rows then columns (contiguous reductions: ~3x faster than one mean over axes (1, 3))
-    rows = sub.reshape(hs // block, block, ws).sum(axis=1, dtype=np.float32)
-    small = rows.reshape(hs // block, ws // block, block).sum(axis=2, dtype=np.float32)
-    small *= np.float32(1.0 / (block * block))
+    # rows then columns (contiguous reductions: ~3x faster than one reduction over axes (1, 3))
+    if reduce == "max":
+        rows = sub.reshape(hs // block, block, ws).max(axis=1)
+        small = rows.reshape(hs // block, ws // block, block).max(axis=2)
+    else:
+        rows = sub.reshape(hs // block, block, ws).sum(axis=1, dtype=np.float32)
+        small = rows.reshape(hs // block, ws // block, block).sum(axis=2, dtype=np.float32)
+        small *= np.float32(1.0 / (block * block))
     factor = float(step * block)
     return small, factor, step * (block - 1) / 2.0
 

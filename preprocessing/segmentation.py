@@ -47,7 +47,6 @@ See Also:
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -695,19 +694,7 @@ def segment_body_part(
 def _work_max(image: np.ndarray, work_size: int, shape: tuple[int, int]) -> np.ndarray:
     """Block *maximum* of ``image`` on the grid of :func:`~preprocessing.carrier.work_copy` (same blocks):
     thin burned-in lines keep their full brightness (a block mean would dim them)."""
-    h, w = image.shape
-    f = max(1, math.ceil(max(h, w) / max(int(work_size), 8)))
-    if f == 1:
-        return image
-    step = max(1, f // 3)
-    block = math.ceil(f / step)
-    sub = image[::step, ::step]
-    hs, ws = math.ceil(sub.shape[0] / block) * block, math.ceil(sub.shape[1] / block) * block
-    if (hs, ws) != sub.shape:
-        sub = np.pad(sub, ((0, hs - sub.shape[0]), (0, ws - sub.shape[1])), mode="edge")
-    rows = sub.reshape(hs // block, block, ws).max(axis=1)
-    out = rows.reshape(hs // block, ws // block, block).max(axis=2)
-    return out[: shape[0], : shape[1]]
+    return work_copy(image, work_size, reduce="max")[0][: shape[0], : shape[1]]
 
 
 def _downsample_mask(mask: np.ndarray, shape: Sequence[int], factor: float, offset: float) -> np.ndarray:
