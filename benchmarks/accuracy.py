@@ -14,15 +14,23 @@ Data (``../shared/data``; nothing else is ever used):
 * ``msk`` -- 300 FracAtlas radiographs, carrier + segmentation, background masked, 64 x 64 (image ids as
   groups, AR 5 %, train fraction 0.3: 0.4 leaves 18 normals in val and test).
 * ``demo`` -- the ``salad-med demo`` phantoms (600 patients, unchanged), 64 x 64, its split.
+* factor rows (not in the default list): ``msk_nomask`` (FracAtlas without background masking), ``msk128``
+  and ``msk256`` (FracAtlas masked at 128 / 256 px); same images, split parameters and seed as ``msk``.
 
 Methods: any registered method, as ``method[@preset][+key=value...]`` (``salad+train.rec_reduction=mean`` is
 an ablation row); SALAD without a preset is the paper's recipe (pinned over ``configs/demo.yaml``). Any registered method (the default list ends with the survey comparators ``rdpp`` and its ablation
 ``rd``, whose SimCLR teacher is pre-trained inline once per data set with the same epoch budget);
 ``name@preset`` trains ``name`` with ``configs/<preset>.yaml`` layered on the budget (e.g.
-``salad@salad_cpu``). The SALAD variants train on the split with its known anomalies (the paper's AR); every
+``salad@salad_cpu``). An extra ``key=@name`` takes the run folder of method ``name`` on the same data set and
+seed (trained first if missing): ``salad+model.init_from=@simclr`` starts SALAD from that SimCLR encoder.
+The SALAD variants train on the split with its known anomalies (the paper's AR); every
 other method trains on the same split without them (AR 0, as the paper's Table 1 MemDAE and DAE). Budget:
 conv6, base 16 channels, batch 16, lr 1e-4, 10 + 4 x 5 epochs (30 epochs for every network; the classic
 detectors fit once), K 20; the same for every method and seed; CPU seconds of each run are reported.
+Method-specific settings of that budget are in ``METHOD_BUDGET`` (Uninformed Students: one S/2 window of
+dense outputs per student step). The survey methods' frozen SimCLR teacher is trained once per data set
+(``params.teacher_seed`` 0, the same 30 epochs) and shared by every seed: their spread over seeds excludes
+the teacher's.
 
 Each run is cached in the work folder (``runs/<dataset>/<method>/seed<k>/result.json``): an interrupted
 benchmark continues where it stopped, and a finished one prints its table again in seconds. Prints one
@@ -50,6 +58,14 @@ DATASETS: dict[str, dict] = {
     "cxr": dict(folder="cxr_sample", labels=None, size=64, pre=_NO_CARRIER, ar=0.05, tf=0.4, group="patient"),
     "msk": dict(folder="msk_sample", labels=None, size=64, pre=["data.dataset=folder", "preprocess.apply_mask=true"],
                 ar=0.05, tf=0.3, group="patient_bodypart"),
+    # factor rows of docs/accuracy.md: FracAtlas without background masking, and at 128 / 256 px (same images,
+    # same split seed and parameters)
+    "msk_nomask": dict(folder="msk_sample", labels=None, size=64, pre=["data.dataset=folder"], ar=0.05, tf=0.3,
+                       group="patient_bodypart"),
+    "msk128": dict(folder="msk_sample", labels=None, size=128, pre=["data.dataset=folder", "preprocess.apply_mask=true"],
+                   ar=0.05, tf=0.3, group="patient_bodypart"),
+    "msk256": dict(folder="msk_sample", labels=None, size=256, pre=["data.dataset=folder", "preprocess.apply_mask=true"],
+                   ar=0.05, tf=0.3, group="patient_bodypart"),
     "demo": dict(folder=None, labels=None, size=64, pre=["data.dataset=mura"], ar=0.05, tf=0.5,
                  group="patient_bodypart"),
 }
@@ -63,6 +79,11 @@ BUDGET = ["model.arch=conv6", "model.base_channels=16", "train.batch_size=16", "
           "data.num_workers=0", "train.device=cpu"]
 DEFAULT_METHODS = ("salad,salad@salad_cpu,salad@official,salad+train.rec_reduction=mean,memdae,dae,deep_svdd,pixel_knn,pca,"
                    "iforest,ocsvm,simclr,spade,students,rdpp,rd")
+#: Per-method settings of the equal budget, as ``f(image size) -> overrides``: Uninformed Students regress the
+#: teacher's descriptors on one random S/2 x S/2 window per student step (``params.student_crop``; an unbiased
+#: subsample of Eq. 6's pixel mean) -- on the whole image its grouped convolutions take ~9 s a step at 64 px
+#: on one core, 4x the equal budget's time of every other method.
+METHOD_BUDGET = {"students": lambda size: [f"params.student_crop={size // 2}"]}
 #: Methods trained on the split with its known anomalies (the paper's AR); the others get the AR 0 split.
 AR_METHODS = {"salad", "salad_no_rec", "salad_no_agg"}
 
@@ -136,11 +157,19 @@ def run_one(dataset: str, entry: str, seed: int, work: Path, splits: tuple[Path,
     run_dir = work / "runs" / dataset / entry.replace("@", "_at_").replace("+", "_with_").replace("=", "-") / f"seed{seed}"
     cached = run_dir / "result.json"
     if cached.is_file():
-        return json.loads(cached.read_text())
+        return {**json.loads(cached.read_text()), "run_dir": str(run_dir.relative_to(work))}
     spec = DATASETS[dataset]
     get_method(method)  # unknown names fail here, before any training
+    # ``key=@name``: the run folder of method ``name`` on this data set and seed (trained first if missing),
+    # e.g. ``salad+model.init_from=@simclr`` starts SALAD from the SimCLR run's encoder
+    for i, kv in enumerate(extra):
+        key, _, value = kv.partition("=")
+        if value.startswith("@"):
+            source = run_one(dataset, value[1:], seed, work, splits, n_boot)
+            extra[i] = f"{key}={(work / source['run_dir']).resolve()}"
     split = splits[0] if method in AR_METHODS else splits[1]
-    overrides = [*BUDGET, *spec.get("budget", []), *spec["pre"], *_size(spec["size"]), f"train.method={method}",
+    per_method = METHOD_BUDGET.get(method, lambda size: [])(spec["size"])
+    overrides = [*BUDGET, *spec.get("budget", []), *per_method, *spec["pre"], *_size(spec["size"]), f"train.method={method}",
                  f"seed={seed}", f"data.cache_dir={(work / 'cache' / dataset).resolve()}", *extra]
     import yaml
 
@@ -164,7 +193,7 @@ def run_one(dataset: str, entry: str, seed: int, work: Path, splits: tuple[Path,
               "cpu_s": round(cpu, 1), "wall_s": round(time.perf_counter() - wall0, 1),
               "split": split.name, "n_test": ev["n"], "n_test_abnormal": ev["n_abnormal"]}
     cached.write_text(json.dumps(result, indent=2))
-    return result
+    return {**result, "run_dir": str(run_dir.relative_to(work))}
 
 
 def summarise(rows: list[dict]):

@@ -89,6 +89,27 @@ def write_tiny_split(root: Path, n: int = 48, size: int = 32, seed: int = 0, pre
     return out
 
 
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> Path:
+    """A preprocessed tiny split (32 images), one per test module: the module's runs share it."""
+    return write_tiny_split(tmp_path_factory.mktemp("split"), n=32, preprocessed=True)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One image-cache folder per test module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+class Killed(Exception):
+    """Stands in for a killed process after an epoch's checkpoint was written."""
+
+
+def kill_after_epoch(_trainer, _row) -> None:
+    """Trainer callback: raise :class:`Killed` after the first epoch's checkpoint."""
+    raise Killed
+
+
 @pytest.fixture(scope="session")
 def tiny_split(tmp_path_factory) -> Path:
     """A 48-image split manifest of 32x32 PNGs (see :func:`write_tiny_split`)."""

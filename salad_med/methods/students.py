@@ -49,6 +49,9 @@ LeakyReLU slope 5e-3 as the paper), so one pass over the reflect-padded image gi
 ``p x p`` patch centred on every pixel, on the input grid (``(B, d, S, S)``): exactly what the network
 gives for that patch alone (tested). The distillation targets ``P(p)`` need the patches themselves:
 ``params.patches_per_image`` random centres per image, cropped by one gather (no loop over patches).
+``params.student_crop = c`` trains the students on one random ``c x c`` window of dense outputs per step
+(the window's descriptors equal the whole image's there, tested): Eq. (6) is a mean over pixels, so this is
+an unbiased subsample at ``c^2 / S^2`` of the cost (the CPU budget of ``python -m benchmarks accuracy``).
 
 **Patch sizes**: the paper's 17/33/65 at 256 px, scaled to ``data.image_size``: ``p = 2 round(((p_256 - 1)
 / 2) S / 256) + 1`` (64 px: 5/9/17; 128 px: 9/17/33; 32 px: 3/5/9); ``params.patch_sizes`` overrides them.
@@ -135,6 +138,11 @@ class StudentsParams(TeacherParams):
                                      help="fraction of the run's epochs distilling T^ (at least 1, at most all but "
                                           "one); the rest trains the students. 0 = students of a random T^")
     patches_per_image: int = _field(16, min=1, max=4096, help="distillation: random patches per training image")
+    student_crop: int = _field(0, min=0, max=8192,
+                               help="student phase: regress the descriptors of one random c x c window per step "
+                                    "instead of the whole image (0 = whole image, as the paper). Eq. 6 is a mean "
+                                    "over pixels, so a window is an unbiased subsample at c^2/S^2 of the cost "
+                                    "(32 at 64 px: 4x fewer pixels)")
     lambda_c: float = _field(1.0, min=0.0, max=1000.0, help="weight of the compactness loss L_c (L_k weighs 1)")
     levels: list[int] = _field([], help="pyramid levels of P pooled as the distillation target ([] = the "
                                         "network's: conv6 2,3,4; resnet18 1,2,3)")
@@ -228,11 +236,23 @@ class PatchDescriptorNet(nn.Module):
         """Valid convolutions: ``(N, 1, H, W) -> (N, G*d, H - p + 1, W - p + 1)``."""
         return self.body(patches)
 
-    def dense(self, x: torch.Tensor) -> torch.Tensor:
-        """Descriptors of every pixel's patch: ``(B, 1, S, S) -> (B, G, d, S, S)`` (reflect padding)."""
+    def dense(self, x: torch.Tensor, window: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """Descriptors of every pixel's patch: ``(B, 1, S, S) -> (B, G, d, S, S)`` (reflect padding).
+
+        ``window = (row0, col0, c)`` describes only the ``c x c`` pixels from ``(row0, col0)``:
+        ``(B, G, d, c, c)``, equal to ``dense(x)[..., row0:row0 + c, col0:col0 + c]`` (each output reads its
+        own ``p x p`` patch of the padded image, and the window keeps all of them) at ``c^2 / S^2`` of the cost.
+        """
         b, _, h, w = x.shape
         p = self.pad
-        return self.body(F.pad(x, (p, p, p, p), mode="reflect")).view(b, self.groups, self.dim, h, w)
+        xp = F.pad(x, (p, p, p, p), mode="reflect")
+        if window is not None:
+            r0, c0, c = (int(v) for v in window)
+            if not (c >= 1 and 0 <= r0 <= h - c and 0 <= c0 <= w - c):
+                msg = f"window {window} does not fit a {h} x {w} image"
+                raise ValueError(msg)
+            xp, h, w = xp[:, :, r0:r0 + c + 2 * p, c0:c0 + c + 2 * p], c, c
+        return self.body(xp).view(b, self.groups, self.dim, h, w)
 
 
 def crop_patches(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -317,17 +337,21 @@ class UninformedStudentsNet(nn.Module):
         return out
 
     # ------------------------------------------------------------------ student phase
-    def normalised_descriptors(self, x: torch.Tensor, scale: int) -> torch.Tensor:
-        """``(y^T - mu) diag(sigma)^-1`` of scale ``scale``: (B, d, S, S), no gradient."""
+    def normalised_descriptors(self, x: torch.Tensor, scale: int,
+                               window: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """``(y^T - mu) diag(sigma)^-1`` of scale ``scale``: (B, d, S, S) (or the window's), no gradient."""
         with torch.no_grad():
-            y = self.descriptors[scale].dense(x)[:, 0].float()
+            y = self.descriptors[scale].dense(x, window)[:, 0].float()
             mean = self.descriptor_mean[scale].view(1, -1, 1, 1)
             std = self.descriptor_std[scale].view(1, -1, 1, 1)
             return (y - mean) / std
 
-    def regress(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per scale ``(students (B, M, d, S, S), normalised teacher descriptors (B, d, S, S))``."""
-        return [(students.dense(x), self.normalised_descriptors(x, i)) for i, students in enumerate(self.students)]
+    def regress(self, x: torch.Tensor, window: tuple[int, int, int] | None = None
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per scale ``(students (B, M, d, S, S), normalised teacher descriptors (B, d, S, S))``; with
+        ``window = (row0, col0, c)`` only those ``c x c`` pixels (:meth:`PatchDescriptorNet.dense`)."""
+        return [(students.dense(x, window), self.normalised_descriptors(x, i, window))
+                for i, students in enumerate(self.students)]
 
     # ------------------------------------------------------------------ scoring
     def scale_scores(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -357,13 +381,15 @@ class StudentsForward(nn.Module):
 
     * ``distill``: ``x (B, 1, S, S) -> model.distill(x, rows, cols)`` with ``n = patches_per_image``
       random centres per image drawn from torch's global generator (checkpointed: resume is exact);
-    * ``students``: ``x -> model.regress(x)``.
+    * ``students``: ``x -> model.regress(x)``, or with ``crop = c`` (``0 < c < S``) ``model.regress(x, window)``
+      over one random ``c x c`` window per step (the same for the batch; torch's global generator).
     """
 
-    def __init__(self, model: UninformedStudentsNet, patches_per_image: int) -> None:
+    def __init__(self, model: UninformedStudentsNet, patches_per_image: int, crop: int = 0) -> None:
         super().__init__()
         self.model = model
         self.patches_per_image = int(patches_per_image)
+        self.crop = int(crop)
         self.phase = "students"
 
     def forward(self, x: torch.Tensor, views: torch.Tensor | None = None):
@@ -372,6 +398,11 @@ class StudentsForward(nn.Module):
             rows = torch.randint(0, h, (b, self.patches_per_image)).to(x.device)
             cols = torch.randint(0, w, (b, self.patches_per_image)).to(x.device)
             return self.model.distill(x, rows, cols)
+        h, w = x.shape[-2:]
+        if 0 < self.crop < min(h, w):
+            r0 = int(torch.randint(0, h - self.crop + 1, (1,)))
+            c0 = int(torch.randint(0, w - self.crop + 1, (1,)))
+            return self.model.regress(x, (r0, c0, self.crop))
         return self.model.regress(x)
 
 
@@ -535,7 +566,7 @@ class UninformedStudents(TeacherMethod):
                                      dim=p.descriptor_dim, sigma=sigma)
 
     def train_module(self, model: nn.Module) -> nn.Module:
-        self._forward = StudentsForward(model, self.params.patches_per_image)
+        self._forward = StudentsForward(model, self.params.patches_per_image, self.params.student_crop)
         return self._forward
 
     @property

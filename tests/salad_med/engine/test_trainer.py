@@ -15,25 +15,7 @@ from salad_med.engine.trainer import Trainer, train_from_manifest
 from salad_med.errors import ConfigError, DataError, RunExistsError
 from salad_med.evaluation.inference import load_run
 from salad_med.methods.registry import available_methods, get_method
-from tests.conftest import TINY_OVERRIDES, write_tiny_split
-
-
-class _Kill(Exception):
-    """Stands in for a killed process after an epoch's checkpoint was written."""
-
-
-def _kill(_trainer, _row):
-    raise _Kill
-
-
-@pytest.fixture(scope="module")
-def split(tmp_path_factory):
-    return write_tiny_split(tmp_path_factory.mktemp("trainer_data"), n=32, preprocessed=True)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("trainer_cache")
+from tests.conftest import TINY_OVERRIDES, Killed, kill_after_epoch, write_tiny_split
 
 
 def _datasets(cfg, split, cache):
@@ -52,8 +34,8 @@ def test_resume_is_exact(method, schedule, split, cache, tmp_path):
     straight = Trainer(cfg, train, val, tmp_path / "a")
     straight.fit()
 
-    killed = Trainer(cfg, train, val, tmp_path / "b", callbacks=[_kill])
-    with pytest.raises(_Kill):
+    killed = Trainer(cfg, train, val, tmp_path / "b", callbacks=[kill_after_epoch])
+    with pytest.raises(Killed):
         killed.fit()
     assert read_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
     torch.manual_seed(1234)  # disturb the global RNG: the checkpoint must restore it
@@ -235,8 +217,8 @@ def test_val_every_and_resume_before_first_validation(split, cache, tmp_path):
 
     cfg = _cfg("train.val_every=2")
     train, val = _datasets(cfg, split, cache)
-    with pytest.raises(_Kill):
-        Trainer(cfg, train, val, tmp_path / "run", callbacks=[_kill]).fit()
+    with pytest.raises(Killed):
+        Trainer(cfg, train, val, tmp_path / "run", callbacks=[kill_after_epoch]).fit()
     assert read_checkpoint(tmp_path / "run" / "last.pt")["scorer"] is None
     assert not (tmp_path / "run" / "best.pt").exists()
     with pytest.raises(CheckpointError, match="no fitted scorer/calibration"):

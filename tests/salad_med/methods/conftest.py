@@ -1,4 +1,5 @@
-"""Helpers shared by the method tests: a simulated kill after an epoch, 16-bit tiny splits."""
+"""Helpers shared by the method tests: the inline-teacher cache, 16-bit tiny splits (the tiny split, the
+image cache and the simulated kill are in ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
-from tests.conftest import write_tiny_split
+from tests.conftest import Killed, kill_after_epoch, write_tiny_split
+
+__all__ = ["Killed", "kill_after_epoch", "write_tiny_split_16bit"]
 
 
-class Killed(Exception):
-    """Stands in for a killed process after an epoch's checkpoint was written."""
-
-
-def kill_after_epoch(_trainer, _row) -> None:
-    """Trainer callback: raise :class:`Killed` after the first epoch's checkpoint."""
-    raise Killed
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> Path:
+    """One folder of inline SimCLR teachers per test module (pre-trained once, shared by its runs)."""
+    return tmp_path_factory.mktemp("teachers")
 
 
 def write_tiny_split_16bit(root: Path, n: int = 32) -> Path:

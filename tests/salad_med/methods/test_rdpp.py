@@ -30,21 +30,10 @@ from salad_med.methods.rdpp import (
     sinkhorn_divergence,
     ssot_loss,
 )
-from tests.conftest import TINY_OVERRIDES, write_tiny_split
+from tests.conftest import TINY_OVERRIDES
 from tests.salad_med.methods.conftest import Killed, kill_after_epoch, write_tiny_split_16bit
 
 TEACHER = ["params.teacher_epochs=2", "params.teacher_batch_size=16"]
-
-
-@pytest.fixture(scope="module")
-def split(tmp_path_factory):
-    return write_tiny_split(tmp_path_factory.mktemp("rdpp_data"), n=32, preprocessed=True)
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    """One inline-teacher cache for the whole module (every run here shares one SimCLR teacher)."""
-    return tmp_path_factory.mktemp("rdpp_teachers")
 
 
 def _sets(method: str, teachers, *extra: str) -> list[str]:

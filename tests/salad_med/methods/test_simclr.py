@@ -17,15 +17,10 @@ from salad_med.engine.checkpoint import read_checkpoint
 from salad_med.engine.trainer import Trainer, train_from_manifest
 from salad_med.evaluation.inference import load_run
 from salad_med.methods.simclr import NTXentLoss, SimCLRParams, simclr_augmentation
-from tests.conftest import TINY_OVERRIDES, write_tiny_split
+from tests.conftest import TINY_OVERRIDES
 from tests.salad_med.methods.conftest import Killed, kill_after_epoch, write_tiny_split_16bit
 
 SIMCLR = [*TINY_OVERRIDES, "train.method=simclr", "train.pretrain_epochs=2", "train.rounds=0", "params.k=3"]
-
-
-@pytest.fixture(scope="module")
-def split(tmp_path_factory):
-    return write_tiny_split(tmp_path_factory.mktemp("simclr_data"), n=32, preprocessed=True)
 
 
 @pytest.fixture(scope="module")

@@ -18,21 +18,11 @@ from salad_med.errors import ConfigError
 from salad_med.evaluation.inference import load_run
 from salad_med.methods.components.teacher import pooled_pyramid, pretrain_teacher, teacher_config
 from salad_med.methods.spade import SpadeParams, knn_distances
-from tests.conftest import TINY_OVERRIDES, write_tiny_split
+from tests.conftest import TINY_OVERRIDES
 from tests.salad_med.methods.conftest import Killed, kill_after_epoch, write_tiny_split_16bit
 
 TEACHER = ["params.teacher_epochs=2", "params.teacher_batch_size=16"]
 SPADE = [*TINY_OVERRIDES, "train.method=spade", "params.k=5", *TEACHER]
-
-
-@pytest.fixture(scope="module")
-def split(tmp_path_factory):
-    return write_tiny_split(tmp_path_factory.mktemp("spade_data"), n=32, preprocessed=True)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("spade_cache")
 
 
 @pytest.fixture(scope="module")

@@ -30,23 +30,12 @@ from salad_med.methods.students import (
     error_and_variance,
     normalised_score,
 )
-from tests.conftest import TINY_OVERRIDES, write_tiny_split
+from tests.conftest import TINY_OVERRIDES
 from tests.salad_med.methods.conftest import Killed, write_tiny_split_16bit
 
 # E = 2 epochs (TINY: 1 + 1 x 1): 1 distillation epoch, 1 student epoch; a 1-epoch inline SimCLR teacher
 STUDENTS = [*TINY_OVERRIDES, "train.method=students", "params.width=8", "params.descriptor_dim=8",
             "params.teacher_epochs=1", "params.teacher_batch_size=16"]
-
-
-@pytest.fixture(scope="module")
-def split(tmp_path_factory):
-    return write_tiny_split(tmp_path_factory.mktemp("students_data"), n=32, preprocessed=True)
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    """One folder of inline SimCLR teachers for the whole module (pre-trained once per split)."""
-    return tmp_path_factory.mktemp("students_teachers")
 
 
 def _cfg(teachers, *extra):
@@ -82,6 +71,14 @@ def test_patch_sizes_scale_the_papers_and_dense_extraction_equals_the_patch_netw
         per_patch = net(patches).view(2, 3, 2, 3)  # (B, n, G, d)
         expected = torch.stack([net.dense(x)[b, :, :, rows[b], cols[b]].permute(2, 0, 1) for b in range(2)])
     torch.testing.assert_close(per_patch, expected, rtol=1e-12, atol=1e-12)  # float64, same ops
+    # params.student_crop: a window of the dense map is the whole map there, borders included
+    with torch.no_grad():
+        full = net.dense(x)
+        for r0, c0, c in ((0, 0, 5), (7, 3, 5), (0, 0, 12), (11, 11, 1)):
+            torch.testing.assert_close(net.dense(x, (r0, c0, c)), full[..., r0:r0 + c, c0:c0 + c],
+                                       rtol=1e-12, atol=1e-12)  # float64: only the conv's summation order differs
+    with pytest.raises(ValueError, match="does not fit"):
+        net.dense(x, (8, 0, 5))
 
 
 def test_students_of_one_module_are_independent_networks():
@@ -234,9 +231,11 @@ def _kill_after(n: int):
     return callback
 
 
-def test_students_resume_exactly_across_and_within_the_phases(split, teachers, tmp_path):
-    # E = 4: 1 distillation epoch (round(0.3 x 4)), 3 student epochs; killed at the phase boundary and inside
-    cfg = _cfg(teachers, "train.pretrain_epochs=3", "train.max_steps_per_epoch=2")
+@pytest.mark.parametrize("crop", [0, 16], ids=["whole-image", "student-crop"])
+def test_students_resume_exactly_across_and_within_the_phases(crop, split, teachers, tmp_path):
+    # E = 4: 1 distillation epoch (round(0.3 x 4)), 3 student epochs; killed at the phase boundary and inside.
+    # With params.student_crop the window of each student step is drawn from the checkpointed generator too.
+    cfg = _cfg(teachers, "train.pretrain_epochs=3", "train.max_steps_per_epoch=2", f"params.student_crop={crop}")
 
     def trainer(name, **kw):
         ds = build_datasets(cfg, load_split_manifest(split), tmp_path / "cache")

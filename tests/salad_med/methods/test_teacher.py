@@ -26,14 +26,9 @@ from salad_med.methods.components.teacher import (
 )
 from salad_med.methods.registry import get_method
 from salad_med.nets import build_network
-from tests.conftest import TINY_OVERRIDES, write_tiny_split
+from tests.conftest import TINY_OVERRIDES
 
 SIMCLR = [*TINY_OVERRIDES, "train.method=simclr", "train.pretrain_epochs=1", "train.rounds=0", "params.k=3"]
-
-
-@pytest.fixture(scope="module")
-def split(tmp_path_factory):
-    return write_tiny_split(tmp_path_factory.mktemp("teacher_data"), n=32, preprocessed=True)
 
 
 @pytest.fixture(scope="module")
