@@ -28,9 +28,9 @@ other method trains on the same split without them (AR 0, as the paper's Table 1
 conv6, base 16 channels, batch 16, lr 1e-4, 10 + 4 x 5 epochs (30 epochs for every network; the classic
 detectors fit once), K 20; the same for every method and seed; CPU seconds of each run are reported.
 Method-specific settings of that budget are in ``METHOD_BUDGET`` (Uninformed Students: one S/2 window of
-dense outputs per student step). The survey methods' frozen SimCLR teacher is trained once per data set
-(``params.teacher_seed`` 0, the same 30 epochs) and shared by every seed: their spread over seeds excludes
-the teacher's.
+dense outputs per student step). The survey methods' frozen SimCLR teacher is trained (the same 30
+epochs) once per data set and seed (``params.teacher_seed`` = the run's seed), cached and shared by the
+survey methods of that seed: their spread over seeds includes the teacher's.
 
 Each run is cached in the work folder (``runs/<dataset>/<method>/seed<k>/result.json``): an interrupted
 benchmark continues where it stopped, and a finished one prints its table again in seconds. Prints one
@@ -169,6 +169,8 @@ def run_one(dataset: str, entry: str, seed: int, work: Path, splits: tuple[Path,
             extra[i] = f"{key}={(work / source['run_dir']).resolve()}"
     split = splits[0] if method in AR_METHODS else splits[1]
     per_method = METHOD_BUDGET.get(method, lambda size: [])(spec["size"])
+    if any(f.name == "teacher_seed" for f in get_method(method).params_fields()):
+        per_method.append(f"params.teacher_seed={seed}")  # each seed its own SimCLR teacher: the spread includes it
     overrides = [*BUDGET, *spec.get("budget", []), *per_method, *spec["pre"], *_size(spec["size"]), f"train.method={method}",
                  f"seed={seed}", f"data.cache_dir={(work / 'cache' / dataset).resolve()}", *extra]
     import yaml
