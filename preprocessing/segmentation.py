@@ -274,6 +274,99 @@ def _straight_bands(g: np.ndarray, valid: np.ndarray, t: float, ceiling: float) 
     return vertical | horizontal
 
 
+def _window_count(c: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Sum over samples ``[lo, hi)`` (clipped) along axis 1 from ``c``, the cumulative sums with a leading 0."""
+    n = c.shape[1] - 1
+    lo, hi = np.clip(lo, 0, n), np.clip(hi, 0, n)
+    return (np.take_along_axis(c, hi[:, None, :], 1) - np.take_along_axis(c, lo[:, None, :], 1))[:, 0, :]
+
+
+def _step_runs(g: np.ndarray, valid: np.ndarray, stop: np.ndarray | None, min_step: float, min_run: float,
+               gap: int, d: int, reach: int = 4, long_run: float = 0.7, flat_tol: float = 0.02, min_cover: float = 0.7) -> np.ndarray:
+    """Straight step edges across ``g``, vertical (tilted up to ~4.6 degrees): (h, w) bool, 1 px per row.
+
+    Along each tilted line of :data:`_SHEARS` the longest run of samples where ``g`` rises (or falls) by
+    >= ``min_step`` from ``d`` px before the line to ``d`` px beyond it (gaps of <= ``gap`` samples
+    bridged: a limb crossing the edge). A run counts when it is >= ``min_run`` of the height and *closed*:
+    both ends at the frame or the valid region's border (no valid sample within ``reach`` beyond), or one
+    end there and the run >= ``long_run`` of the height (a divider ending at an unexposed band) or, with
+    ``stop``, the other end within ``reach`` samples of ``stop`` (a perpendicular edge already found). Skin lines and bone outlines are straight for a while at most and end in the open.
+    """
+    h, w = g.shape
+    step, cc, inside = _line_samples(h, w)  # (S, R, W)
+    rows = np.arange(0, h, step)[None, :, None]
+    n_rows = cc.shape[1]
+    lc, rc = np.clip(cc - d, 0, w - 1), np.clip(cc + d, 0, w - 1)
+    ok = inside & (cc >= d) & (cc < w - d) & valid[rows, lc] & valid[rows, rc]
+    diff = np.where(ok, g[rows, rc] - g[rows, lc], 0.0)
+    # both sides flat across the edge (from d + 1 to d + 3 px): a panel, a shutter, a divider or the
+    # background; a bone's cortex, the soft tissue inside a skin line vary across
+    tol = np.maximum(flat_tol, 0.2 * np.abs(diff))
+    flat = ok.copy()
+    for a, b in ((d + 1, d + 3), (-d - 1, -d - 3)):
+        flat &= np.abs(g[rows, np.clip(cc + a, 0, w - 1)] - g[rows, np.clip(cc + b, 0, w - 1)]) <= tol
+    zero = np.zeros((cc.shape[0], 1, w), dtype=np.int32)
+    okc = np.concatenate([zero, np.cumsum(ok, axis=1, dtype=np.int32)], axis=1)
+    stopc = None
+    if stop is not None:
+        near = _grow(stop, 2)[rows, cc] & inside
+        stopc = np.concatenate([zero, np.cumsum(near, axis=1, dtype=np.int32)], axis=1)
+    best_len = np.zeros(w, dtype=np.intp)
+    best = np.zeros((3, w), dtype=np.intp)  # shear index, first and last sample of the run
+    at = np.arange(w)
+    for sign in (1.0, -1.0):
+        b = flat & (sign * diff >= min_step)
+        cb = np.concatenate([zero, np.cumsum(b, axis=1, dtype=np.int32)], axis=1)
+        if gap > 0:  # bridge gaps of <= gap samples: a step within reach on both sides
+            c = np.cumsum(b, axis=1, dtype=np.int32)
+            pad = np.concatenate([np.repeat(zero, gap + 1, axis=1), c, np.repeat(c[:, -1:], gap + 1, axis=1)], axis=1)
+            b = b | ((pad[:, 2 * gap + 2:, :] - c > 0) & (c - pad[:, :n_rows, :] - b > 0))
+        c = np.cumsum(b, axis=1, dtype=np.int32)
+        run = c - np.maximum.accumulate(np.where(b, 0, c), axis=1)
+        last = np.argmax(run, axis=1)  # (S, W)
+        length = np.take_along_axis(run, last[:, None, :], axis=1)[:, 0, :]
+        first = last - length + 1
+        head = _window_count(okc, first - reach, first) == 0  # nothing valid before: the frame / border
+        tail = _window_count(okc, last + 1, last + 1 + reach) == 0
+        closed = (head & tail) | ((head | tail) & (length >= long_run * n_rows))
+        if stopc is not None:
+            closed |= (head & (_window_count(stopc, last + 1, last + 1 + reach) > 0)) | (
+                tail & (_window_count(stopc, first - reach, first) > 0))
+        dense = _window_count(cb, first, last + 1) >= min_cover * length  # the bridged gaps are short
+        length = np.where(closed & dense & (length > 0), length, 0)
+        k = np.argmax(length, axis=0)
+        better = length[k, at] > best_len
+        best_len = np.where(better, length[k, at], best_len)
+        best[:, better] = np.stack([k, first[k, at], last[k, at]])[:, better]
+    out = np.zeros((h, w), dtype=bool)
+    for x in np.flatnonzero(best_len >= max(min_run * n_rows, 10.0 / step)):
+        k, r0, r1 = best[:, x]
+        y0, y1 = int(r0) * step, min(h, (int(r1) + 1) * step)
+        cols = _sheared_columns((h, w), _SHEARS[k])[y0:y1, x]
+        keep = (cols >= 0) & (cols < w)
+        out[np.arange(y0, y1)[keep], cols[keep]] = True
+    return out & valid
+
+
+def _step_cuts(g: np.ndarray, valid: np.ndarray, min_step: float = 0.06, gap: int | None = None, d: int = 2
+               ) -> np.ndarray:
+    """Where exposure fields are cut apart: straight step edges (:func:`_step_runs`), both orientations.
+
+    A collimator shutter's edge, the border of an unexposed panel or the seam of a double exposure runs
+    from frame to frame (>= 50 % of the side), or from the frame to such an edge (>= 20 %): the edge of
+    a shutter in one exposure of two ends at the divider.
+    """
+    if gap is None:
+        gap = max(3, int(0.15 * _line_samples(*g.shape)[1].shape[1]))
+    full = _step_runs(g, valid, None, min_step, 0.5, gap, d) | _step_runs(g.T, valid.T, None, min_step, 0.5, gap, d).T
+    if not full.any():
+        return full
+    for _ in range(2):  # edges ending at edges ending at the frame
+        full = (full | _step_runs(g, valid, full, min_step, 0.2, gap, d)
+                | _step_runs(g.T, valid.T, full.T, min_step, 0.2, gap, d).T)
+    return full
+
+
 def _quadratic_fit(g: np.ndarray, weight: np.ndarray, max_samples: int = 2000) -> np.ndarray:
     """Least-squares coefficients of ``a + b u + c v + d u^2 + e v^2 + f u v`` (``u, v`` in [-0.5, 0.5])
     of ``g`` over the ``weight`` pixels."""
@@ -459,10 +552,13 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, openin
     mask = np.zeros(g.shape, dtype=bool)
     contrast = np.full(g.shape, -1.0, dtype=np.float32)
     noise = max(1.4826 * float(np.median(np.abs(g - ndi.uniform_filter(g, 3))[valid])), 0.003)  # pixel noise
-    for field in _exposure_fields(valid):
+    cuts = _step_cuts(g, valid)
+    for field in _exposure_fields(valid & ~cuts):
         m, c = _segment_field(g, field, noise)
         mask |= m
         contrast = np.where(field, c, contrast)
+    if cuts.any():  # a cut through the body (a limb crossing a step edge) is closed again
+        mask |= cuts & _shrink(_grow(mask, 1), 1)
     if opening_radius > 0:
         opened = _opening(mask, opening_radius)
         mask = opened if opened.any() else mask
