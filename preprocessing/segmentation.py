@@ -281,44 +281,65 @@ def _window_count(c: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return (np.take_along_axis(c, hi[:, None, :], 1) - np.take_along_axis(c, lo[:, None, :], 1))[:, 0, :]
 
 
-def _step_runs(g: np.ndarray, valid: np.ndarray, stop: np.ndarray | None, min_step: float, min_run: float,
-               gap: int, d: int, reach: int = 4, long_run: float = 0.7, flat_tol: float = 0.02, min_cover: float = 0.7) -> np.ndarray:
-    """Straight step edges across ``g``, vertical (tilted up to ~4.6 degrees): (h, w) bool, 1 px per row.
+def _cumsum0(b: np.ndarray) -> np.ndarray:
+    """Cumulative sums along axis 1 with a leading 0 (for :func:`_window_count`)."""
+    c = np.zeros((b.shape[0], b.shape[1] + 1, b.shape[2]), dtype=np.int32)
+    np.cumsum(b, axis=1, dtype=np.int32, out=c[:, 1:])
+    return c
 
-    Along each tilted line of :data:`_SHEARS` the longest run of samples where ``g`` rises (or falls) by
-    >= ``min_step`` from ``d`` px before the line to ``d`` px beyond it (gaps of <= ``gap`` samples
-    bridged: a limb crossing the edge). A run counts when it is >= ``min_run`` of the height and *closed*:
-    both ends at the frame or the valid region's border (no valid sample within ``reach`` beyond), or one
-    end there and the run >= ``long_run`` of the height (a divider ending at an unexposed band) or, with
-    ``stop``, the other end within ``reach`` samples of ``stop`` (a perpendicular edge already found). Skin lines and bone outlines are straight for a while at most and end in the open.
+
+def _edge_runs(g: np.ndarray, valid: np.ndarray, min_step: float = 0.06, gap: float = 0.15, reach: float = 0.05,
+               d: int = 2, flat_tol: float = 0.02, min_cover: float = 0.7) -> dict[str, Any]:
+    """Runs of straight edges along the tilted vertical lines of :data:`_SHEARS` (see :func:`_step_cuts`).
+
+    Per line and kind (rising step, falling step, thin bright ridge) the longest run of samples (~100
+    along the line) showing the edge, gaps of <= ``gap`` of the line bridged (a limb crossing the edge)
+    when >= ``min_cover`` of the run shows it. A *step* rises
+    (falls) by >= ``min_step`` from ``d`` px before the line to ``d`` px beyond; a *ridge* (the thin white
+    divider of a double exposure) lies >= ``min_step`` above both sides ``d + 1`` px away. Either way both
+    sides are flat across the edge (the next 2 px within ``max(flat_tol, 0.2 x step)``): a panel, a
+    shutter, a divider or the background; a bone's cortex or the soft tissue inside a skin line vary.
+
+    Returns:
+        ``{"step", "cc", "inside", "reach", "first", "last", "length", "head", "tail"}``: ``(3, S, W)``
+        arrays for the kinds (rising, falling, ridge); ``head``/``tail``: no valid sample within ``reach``
+        of the line before / after the run (it ends at the frame or the valid region's border, a dark
+        frame edge of a few px apart).
     """
     h, w = g.shape
     step, cc, inside = _line_samples(h, w)  # (S, R, W)
-    rows = np.arange(0, h, step)[None, :, None]
+    k = max(1, cc.shape[1] // 100)  # ~100 samples along a line are enough
+    cc, inside, step = cc[:, ::k], inside[:, ::k], step * k
     n_rows = cc.shape[1]
-    lc, rc = np.clip(cc - d, 0, w - 1), np.clip(cc + d, 0, w - 1)
-    ok = inside & (cc >= d) & (cc < w - d) & valid[rows, lc] & valid[rows, rc]
-    diff = np.where(ok, g[rows, rc] - g[rows, lc], 0.0)
-    # both sides flat across the edge (from d + 1 to d + 3 px): a panel, a shutter, a divider or the
-    # background; a bone's cortex, the soft tissue inside a skin line vary across
-    tol = np.maximum(flat_tol, 0.2 * np.abs(diff))
-    flat = ok.copy()
-    for a, b in ((d + 1, d + 3), (-d - 1, -d - 3)):
-        flat &= np.abs(g[rows, np.clip(cc + a, 0, w - 1)] - g[rows, np.clip(cc + b, 0, w - 1)]) <= tol
+    gap, reach = max(3, int(gap * n_rows)), max(2, int(reach * n_rows))
+    # each tilt is a shift per row: shear the (padded) image once, then every offset is a slice
+    off = np.stack([_sheared_columns((h, 1), sh)[::step, 0] for sh in _SHEARS])  # (S, R) column of x = 0
+    pad = d + 3 + int(np.abs(off).max())
+    rows = np.arange(0, h, step)[None, :, None]
+    j = np.arange(w + 2 * (d + 3))[None, None, :] + off[:, :, None] + (pad - d - 3)
+    sheared = np.pad(g, ((0, 0), (pad, pad)), mode="edge")[rows, j]  # (S, R, w + 2 (d + 3))
+    vs = np.pad(valid, ((0, 0), (pad, pad)))[rows, j]
+
+    def at(o: int) -> np.ndarray:
+        return sheared[:, :, d + 3 + o: d + 3 + o + w]
+
+    ok = inside & (cc >= d + 3) & (cc < w - d - 3) & vs[:, :, 3: 3 + w] & vs[:, :, 2 * d + 3: 2 * d + 3 + w]
+    okc = _cumsum0(ok)
+    a1, a3, b1, b3 = at(d + 1), at(d + 3), at(-d - 1), at(-d - 3)
+    ridge = at(0) - np.maximum(a1, b1)
+    diff = at(d) - at(-d)
+    kinds = []
+    for e, near, far in ((diff, a1, b1), (-diff, a1, b1), (ridge, None, None)):
+        tol = np.maximum(flat_tol, 0.2 * np.abs(e))
+        b = ok & (e >= min_step) & (np.abs(a1 - a3) <= tol) & (np.abs(b1 - b3) <= tol)
+        kinds.append(b)
+    out: dict[str, Any] = {"step": step, "cc": cc, "inside": inside, "reach": reach}
+    res = {k: [] for k in ("first", "last", "length", "head", "tail")}
     zero = np.zeros((cc.shape[0], 1, w), dtype=np.int32)
-    okc = np.concatenate([zero, np.cumsum(ok, axis=1, dtype=np.int32)], axis=1)
-    stopc = None
-    if stop is not None:
-        near = _grow(stop, 2)[rows, cc] & inside
-        stopc = np.concatenate([zero, np.cumsum(near, axis=1, dtype=np.int32)], axis=1)
-    best_len = np.zeros(w, dtype=np.intp)
-    best = np.zeros((3, w), dtype=np.intp)  # shear index, first and last sample of the run
-    at = np.arange(w)
-    for sign in (1.0, -1.0):
-        b = flat & (sign * diff >= min_step)
-        cb = np.concatenate([zero, np.cumsum(b, axis=1, dtype=np.int32)], axis=1)
-        if gap > 0:  # bridge gaps of <= gap samples: a step within reach on both sides
-            c = np.cumsum(b, axis=1, dtype=np.int32)
+    for b in kinds:
+        cb = _cumsum0(b)
+        if gap > 0:  # bridge gaps of <= gap samples: the edge within reach on both sides (a limb crossing)
+            c = cb[:, 1:]
             pad = np.concatenate([np.repeat(zero, gap + 1, axis=1), c, np.repeat(c[:, -1:], gap + 1, axis=1)], axis=1)
             b = b | ((pad[:, 2 * gap + 2:, :] - c > 0) & (c - pad[:, :n_rows, :] - b > 0))
         c = np.cumsum(b, axis=1, dtype=np.int32)
@@ -326,45 +347,69 @@ def _step_runs(g: np.ndarray, valid: np.ndarray, stop: np.ndarray | None, min_st
         last = np.argmax(run, axis=1)  # (S, W)
         length = np.take_along_axis(run, last[:, None, :], axis=1)[:, 0, :]
         first = last - length + 1
-        head = _window_count(okc, first - reach, first) == 0  # nothing valid before: the frame / border
-        tail = _window_count(okc, last + 1, last + 1 + reach) == 0
-        closed = (head & tail) | ((head | tail) & (length >= long_run * n_rows))
-        if stopc is not None:
-            closed |= (head & (_window_count(stopc, last + 1, last + 1 + reach) > 0)) | (
-                tail & (_window_count(stopc, first - reach, first) > 0))
-        dense = _window_count(cb, first, last + 1) >= min_cover * length  # the bridged gaps are short
-        length = np.where(closed & dense & (length > 0), length, 0)
-        k = np.argmax(length, axis=0)
-        better = length[k, at] > best_len
-        best_len = np.where(better, length[k, at], best_len)
-        best[:, better] = np.stack([k, first[k, at], last[k, at]])[:, better]
+        dense = _window_count(cb, first, last + 1) >= min_cover * length
+        res["first"].append(first)
+        res["last"].append(last)
+        res["length"].append(np.where(dense, length, 0))
+        res["head"].append(_window_count(okc, first - reach, first) == 0)
+        res["tail"].append(_window_count(okc, last + 1, last + 1 + reach) == 0)
+    out.update({k: np.stack(v) for k, v in res.items()})
+    return out
+
+
+def _closed_lines(runs: dict[str, Any], shape: tuple[int, int], kinds: Sequence[int], min_run: float,
+                  stop: np.ndarray | None = None) -> np.ndarray:
+    """(h, w) bool, 1 px per row: the runs of ``kinds`` (:func:`_edge_runs`) >= ``min_run`` of the height
+    that are *closed*: both ends at the frame or the valid region's border or, with ``stop``, one end
+    there and the other within the runs' ``reach`` of ``stop`` (a perpendicular edge already found). Per
+    line the longest. (A run from the frame ending in the open is a limb's outline: a limb enters from
+    the frame and ends in the image.)"""
+    h, w = shape
+    head, tail, length = runs["head"][kinds], runs["tail"][kinds], runs["length"][kinds]
+    first, last = runs["first"][kinds], runs["last"][kinds]
+    n_rows, reach = runs["cc"].shape[1], runs["reach"]
+    closed = head & tail
+    if stop is not None:
+        rows = np.arange(0, h, runs["step"])[None, :, None]
+        sc = _cumsum0(_grow(stop, 2)[rows, runs["cc"]] & runs["inside"])
+        closed |= np.stack([head[i] & (_window_count(sc, last[i] + 1, last[i] + 1 + reach) > 0)
+                            | tail[i] & (_window_count(sc, first[i] - reach, first[i]) > 0)
+                            for i in range(len(kinds))])
+    length = np.where(closed, length, 0).reshape(-1, w)  # (kinds x S, lines)
+    k = np.argmax(length, axis=0)
+    best = length[k, np.arange(w)]
     out = np.zeros((h, w), dtype=bool)
-    for x in np.flatnonzero(best_len >= max(min_run * n_rows, 10.0 / step)):
-        k, r0, r1 = best[:, x]
-        y0, y1 = int(r0) * step, min(h, (int(r1) + 1) * step)
-        cols = _sheared_columns((h, w), _SHEARS[k])[y0:y1, x]
+    step, n_s = runs["step"], len(_SHEARS)
+    first, last = first.reshape(-1, w), last.reshape(-1, w)
+    for i in np.flatnonzero(best >= max(min_run * n_rows, 10.0 / step)):
+        y0, y1 = int(first[k[i], i]) * step, min(h, (int(last[k[i], i]) + 1) * step)
+        cols = _sheared_columns((h, w), _SHEARS[k[i] % n_s])[y0:y1, i]
         keep = (cols >= 0) & (cols < w)
         out[np.arange(y0, y1)[keep], cols[keep]] = True
-    return out & valid
+    return out
 
 
-def _step_cuts(g: np.ndarray, valid: np.ndarray, min_step: float = 0.06, gap: int | None = None, d: int = 2
-               ) -> np.ndarray:
-    """Where exposure fields are cut apart: straight step edges (:func:`_step_runs`), both orientations.
+def _step_cuts(g: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Where exposure fields are cut apart: straight step edges flat on both sides (:func:`_edge_runs`).
 
     A collimator shutter's edge, the border of an unexposed panel or the seam of a double exposure runs
-    from frame to frame (>= 50 % of the side), or from the frame to such an edge (>= 20 %): the edge of
-    a shutter in one exposure of two ends at the divider.
+    from frame to frame (>= 50 % of the side), or from the frame to such an edge or to a thin divider
+    (>= 20 %): the edge of a shutter in one exposure of two ends at the divider. Skin lines and bone
+    outlines are not flat across, nor straight from frame to frame. Thin ridges (a white divider, but
+    also a fixator bar) only close other edges: they are not cut themselves.
     """
-    if gap is None:
-        gap = max(3, int(0.15 * _line_samples(*g.shape)[1].shape[1]))
-    full = _step_runs(g, valid, None, min_step, 0.5, gap, d) | _step_runs(g.T, valid.T, None, min_step, 0.5, gap, d).T
-    if not full.any():
-        return full
+    runs = (_edge_runs(g, valid), _edge_runs(g.T, valid.T))
+    shapes = (g.shape, g.T.shape)
+    steps = [0, 1]
+    full = _closed_lines(runs[0], shapes[0], steps, 0.5) | _closed_lines(runs[1], shapes[1], steps, 0.5).T
+    stop = full | _closed_lines(runs[0], shapes[0], [2], 0.5) | _closed_lines(runs[1], shapes[1], [2], 0.5).T
+    if not stop.any():
+        return full & valid
     for _ in range(2):  # edges ending at edges ending at the frame
-        full = (full | _step_runs(g, valid, full, min_step, 0.2, gap, d)
-                | _step_runs(g.T, valid.T, full.T, min_step, 0.2, gap, d).T)
-    return full
+        new = _closed_lines(runs[0], shapes[0], steps, 0.2, stop) | _closed_lines(runs[1], shapes[1], steps, 0.2, stop.T).T
+        full |= new
+        stop |= new
+    return full & valid
 
 
 def _quadratic_fit(g: np.ndarray, weight: np.ndarray, max_samples: int = 2000) -> np.ndarray:
