@@ -302,9 +302,9 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, min_step: float = 0.06, gap: fl
 
     Returns:
         ``{"step", "cc", "inside", "reach", "first", "last", "length", "head", "tail"}``: ``(3, S, W)``
-        arrays for the kinds (rising, falling, ridge); ``head``/``tail``: no valid sample within ``reach``
-        of the line before / after the run (it ends at the frame or the valid region's border, a dark
-        frame edge of a few px apart).
+        arrays for the kinds (rising, falling, ridge); ``head``/``tail``: the frame or the valid region's
+        border within ``reach`` of the line before / after the run (a dark frame edge or a thin band
+        along the frame apart).
     """
     h, w = g.shape
     step, cc, inside = _line_samples(h, w)  # (S, R, W)
@@ -326,13 +326,15 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, min_step: float = 0.06, gap: fl
     ok = inside & (cc >= d + 3) & (cc < w - d - 3) & vs[:, :, 3: 3 + w] & vs[:, :, 2 * d + 3: 2 * d + 3 + w]
     okc = _cumsum0(ok)
     a1, a3, b1, b3 = at(d + 1), at(d + 3), at(-d - 1), at(-d - 3)
-    ridge = at(0) - np.maximum(a1, b1)
     diff = at(d) - at(-d)
     kinds = []
-    for e, near, far in ((diff, a1, b1), (-diff, a1, b1), (ridge, None, None)):
+    for e in (diff, -diff):
         tol = np.maximum(flat_tol, 0.2 * np.abs(e))
-        b = ok & (e >= min_step) & (np.abs(a1 - a3) <= tol) & (np.abs(b1 - b3) <= tol)
-        kinds.append(b)
+        kinds.append(ok & (e >= min_step) & (np.abs(a1 - a3) <= tol) & (np.abs(b1 - b3) <= tol))
+    # a divider's core, 1 to 8 px wide (a wedge) and flanked by grey penumbra strips: above both sides
+    centre = at(0)
+    ridge = np.maximum(centre - np.maximum(a1, b1), centre - np.maximum(a3, b3))
+    kinds.append(ok & (ridge >= min_step))
     out: dict[str, Any] = {"step": step, "cc": cc, "inside": inside, "reach": reach}
     res = {k: [] for k in ("first", "last", "length", "head", "tail")}
     zero = np.zeros((cc.shape[0], 1, w), dtype=np.int32)
@@ -351,8 +353,9 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, min_step: float = 0.06, gap: fl
         res["first"].append(first)
         res["last"].append(last)
         res["length"].append(np.where(dense, length, 0))
-        res["head"].append(_window_count(okc, first - reach, first) == 0)
-        res["tail"].append(_window_count(okc, last + 1, last + 1 + reach) == 0)
+        # the frame or the valid region's border within reach beyond the run's end
+        res["head"].append((first < reach) | (_window_count(okc, first - reach, first) < reach))
+        res["tail"].append((last >= n_rows - reach) | (_window_count(okc, last + 1, last + 1 + reach) < reach))
     out.update({k: np.stack(v) for k, v in res.items()})
     return out
 
@@ -371,7 +374,8 @@ def _closed_lines(runs: dict[str, Any], shape: tuple[int, int], kinds: Sequence[
     closed = head & tail
     if stop is not None:
         rows = np.arange(0, h, runs["step"])[None, :, None]
-        sc = _cumsum0(_grow(stop, 2)[rows, runs["cc"]] & runs["inside"])
+        near = _grow(stop, max(2, reach * runs["step"] // 2))  # an edge may end a few px short of the other
+        sc = _cumsum0(near[rows, runs["cc"]] & runs["inside"])
         closed |= np.stack([head[i] & (_window_count(sc, last[i] + 1, last[i] + 1 + reach) > 0)
                             | tail[i] & (_window_count(sc, first[i] - reach, first[i]) > 0)
                             for i in range(len(kinds))])
@@ -389,27 +393,32 @@ def _closed_lines(runs: dict[str, Any], shape: tuple[int, int], kinds: Sequence[
     return out
 
 
-def _step_cuts(g: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Where exposure fields are cut apart: straight step edges flat on both sides (:func:`_edge_runs`).
+def _step_cuts(g: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where exposure fields are cut apart: straight edges from frame to frame (:func:`_edge_runs`).
 
-    A collimator shutter's edge, the border of an unexposed panel or the seam of a double exposure runs
-    from frame to frame (>= 50 % of the side), or from the frame to such an edge or to a thin divider
-    (>= 20 %): the edge of a shutter in one exposure of two ends at the divider. Skin lines and bone
-    outlines are not flat across, nor straight from frame to frame. Thin ridges (a white divider, but
-    also a fixator bar) only close other edges: they are not cut themselves.
+    A collimator shutter's edge, the border of an unexposed panel or the seam of a double exposure is a
+    step flat on both sides from frame to frame (>= 50 % of the side), or from the frame to such an edge
+    or to a divider (>= 20 %): the edge of a shutter in one exposure of two ends at the divider. The
+    white divider of a double exposure is a thin ridge from frame to frame. Skin lines and bone outlines
+    are not flat across, nor straight from frame to frame (a limb enters from the frame and ends in
+    the image).
+
+    Returns:
+        ``(cuts, ridges)``: (h, w) bool lines, 1 px per row (column), the steps and the ridges.
     """
     runs = (_edge_runs(g, valid), _edge_runs(g.T, valid.T))
     shapes = (g.shape, g.T.shape)
     steps = [0, 1]
     full = _closed_lines(runs[0], shapes[0], steps, 0.5) | _closed_lines(runs[1], shapes[1], steps, 0.5).T
-    stop = full | _closed_lines(runs[0], shapes[0], [2], 0.5) | _closed_lines(runs[1], shapes[1], [2], 0.5).T
-    if not stop.any():
-        return full & valid
-    for _ in range(2):  # edges ending at edges ending at the frame
-        new = _closed_lines(runs[0], shapes[0], steps, 0.2, stop) | _closed_lines(runs[1], shapes[1], steps, 0.2, stop.T).T
-        full |= new
-        stop |= new
-    return full & valid
+    ridges = (_closed_lines(runs[0], shapes[0], [2], 0.5) | _closed_lines(runs[1], shapes[1], [2], 0.5).T) & valid
+    stop = full | ridges
+    if stop.any():
+        for _ in range(2):  # edges ending at edges ending at the frame
+            new = (_closed_lines(runs[0], shapes[0], steps, 0.2, stop)
+                   | _closed_lines(runs[1], shapes[1], steps, 0.2, stop.T).T)
+            full |= new
+            stop |= new
+    return full & valid, ridges
 
 
 def _quadratic_fit(g: np.ndarray, weight: np.ndarray, max_samples: int = 2000) -> np.ndarray:
@@ -597,7 +606,9 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, openin
     mask = np.zeros(g.shape, dtype=bool)
     contrast = np.full(g.shape, -1.0, dtype=np.float32)
     noise = max(1.4826 * float(np.median(np.abs(g - ndi.uniform_filter(g, 3))[valid])), 0.003)  # pixel noise
-    cuts = _step_cuts(g, valid)
+    cuts, ridges = _step_cuts(g, valid)
+    if ridges.any() and peaks:  # a divider's white core and its penumbra strips: not part of either field
+        cuts |= _grow(ridges, 4) & (g >= peaks[-1] + 0.03)
     for field in _exposure_fields(valid & ~cuts):
         m, c = _segment_field(g, field, noise)
         mask |= m
