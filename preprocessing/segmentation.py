@@ -288,17 +288,20 @@ def _cumsum0(b: np.ndarray) -> np.ndarray:
     return c
 
 
-def _edge_runs(g: np.ndarray, valid: np.ndarray, min_step: float = 0.06, gap: float = 0.15, reach: float = 0.05,
-               d: int = 2, flat_tol: float = 0.02, min_cover: float = 0.7) -> dict[str, Any]:
+def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, min_step: float = 0.06,
+               gap: float = 0.15, reach: float = 0.05, d: int = 2, flat_tol: float = 0.02, min_cover: float = 0.7,
+               flank: float = 0.06) -> dict[str, Any]:
     """Runs of straight edges along the tilted vertical lines of :data:`_SHEARS` (see :func:`_step_cuts`).
 
     Per line and kind (rising step, falling step, thin bright ridge) the longest run of samples (~100
     along the line) showing the edge, gaps of <= ``gap`` of the line bridged (a limb crossing the edge)
     when >= ``min_cover`` of the run shows it. A *step* rises
     (falls) by >= ``min_step`` from ``d`` px before the line to ``d`` px beyond; a *ridge* (the thin white
-    divider of a double exposure) lies >= ``min_step`` above both sides ``d + 1`` px away. Either way both
-    sides are flat across the edge (the next 2 px within ``max(flat_tol, 0.2 x step)``): a panel, a
-    shutter, a divider or the background; a bone's cortex or the soft tissue inside a skin line vary.
+    divider of a double exposure) lies >= ``min_step`` above both sides ``d + 1`` or ``d + 3`` px away and
+    comes down to the background (``<= ceiling``; no ridges without it) within ``flank`` of the width on
+    both sides: a field on each side (a straight bone has soft tissue around it). Both sides of a step are flat
+    across the edge (the next 2 px within ``max(flat_tol, 0.2 x step)``): a panel, a shutter, a divider
+    or the background; a bone's cortex or the soft tissue inside a skin line vary.
 
     Returns:
         ``{"step", "cc", "inside", "reach", "first", "last", "length", "head", "tail"}``: ``(3, S, W)``
@@ -314,16 +317,18 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, min_step: float = 0.06, gap: fl
     gap, reach = max(3, int(gap * n_rows)), max(2, int(reach * n_rows))
     # each tilt is a shift per row: shear the (padded) image once, then every offset is a slice
     off = np.stack([_sheared_columns((h, 1), sh)[::step, 0] for sh in _SHEARS])  # (S, R) column of x = 0
-    pad = d + 3 + int(np.abs(off).max())
+    flank = max(d + 3, int(flank * w))
+    m = flank  # >= d + 3: the widest offset sampled
+    pad = m + int(np.abs(off).max())
     rows = np.arange(0, h, step)[None, :, None]
-    j = np.arange(w + 2 * (d + 3))[None, None, :] + off[:, :, None] + (pad - d - 3)
-    sheared = np.pad(g, ((0, 0), (pad, pad)), mode="edge")[rows, j]  # (S, R, w + 2 (d + 3))
+    j = np.arange(w + 2 * m)[None, None, :] + off[:, :, None] + (pad - m)
+    sheared = np.pad(g, ((0, 0), (pad, pad)), mode="edge")[rows, j]  # (S, R, w + 2 m)
     vs = np.pad(valid, ((0, 0), (pad, pad)))[rows, j]
 
     def at(o: int) -> np.ndarray:
-        return sheared[:, :, d + 3 + o: d + 3 + o + w]
+        return sheared[:, :, m + o: m + o + w]
 
-    ok = inside & (cc >= d + 3) & (cc < w - d - 3) & vs[:, :, 3: 3 + w] & vs[:, :, 2 * d + 3: 2 * d + 3 + w]
+    ok = inside & (cc >= d + 3) & (cc < w - d - 3) & vs[:, :, m - d: m - d + w] & vs[:, :, m + d: m + d + w]
     okc = _cumsum0(ok)
     a1, a3, b1, b3 = at(d + 1), at(d + 3), at(-d - 1), at(-d - 3)
     diff = at(d) - at(-d)
@@ -333,8 +338,17 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, min_step: float = 0.06, gap: fl
         kinds.append(ok & (e >= min_step) & (np.abs(a1 - a3) <= tol) & (np.abs(b1 - b3) <= tol))
     # a divider's core, 1 to 8 px wide (a wedge) and flanked by grey penumbra strips: above both sides
     centre = at(0)
-    ridge = np.maximum(centre - np.maximum(a1, b1), centre - np.maximum(a3, b3))
-    kinds.append(ok & (ridge >= min_step))
+    ridge = ok & (np.maximum(centre - np.maximum(a1, b1), centre - np.maximum(a3, b3)) >= min_step)
+    if ceiling is None:
+        ridge[:] = False
+    else:
+        down_l = np.zeros_like(ridge)
+        down_r = np.zeros_like(ridge)
+        for o in range(d + 1, flank + 1):
+            down_l |= at(-o) <= ceiling
+            down_r |= at(o) <= ceiling
+        ridge &= down_l & down_r
+    kinds.append(ridge)
     out: dict[str, Any] = {"step": step, "cc": cc, "inside": inside, "reach": reach}
     res = {k: [] for k in ("first", "last", "length", "head", "tail")}
     zero = np.zeros((cc.shape[0], 1, w), dtype=np.int32)
@@ -361,17 +375,17 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, min_step: float = 0.06, gap: fl
 
 
 def _closed_lines(runs: dict[str, Any], shape: tuple[int, int], kinds: Sequence[int], min_run: float,
-                  stop: np.ndarray | None = None) -> np.ndarray:
+                  stop: np.ndarray | None = None, long_run: float = 2.0) -> np.ndarray:
     """(h, w) bool, 1 px per row: the runs of ``kinds`` (:func:`_edge_runs`) >= ``min_run`` of the height
     that are *closed*: both ends at the frame or the valid region's border or, with ``stop``, one end
-    there and the other within the runs' ``reach`` of ``stop`` (a perpendicular edge already found). Per
-    line the longest. (A run from the frame ending in the open is a limb's outline: a limb enters from
+    there and the other within the runs' ``reach`` of ``stop`` (a perpendicular edge already found) or
+    the run >= ``long_run`` of the height. Per line the longest. (A run from the frame ending in the open is a limb's outline: a limb enters from
     the frame and ends in the image.)"""
     h, w = shape
     head, tail, length = runs["head"][kinds], runs["tail"][kinds], runs["length"][kinds]
     first, last = runs["first"][kinds], runs["last"][kinds]
     n_rows, reach = runs["cc"].shape[1], runs["reach"]
-    closed = head & tail
+    closed = (head & tail) | ((head | tail) & (length >= long_run * n_rows))
     if stop is not None:
         rows = np.arange(0, h, runs["step"])[None, :, None]
         near = _grow(stop, max(2, reach * runs["step"] // 2))  # an edge may end a few px short of the other
@@ -393,7 +407,7 @@ def _closed_lines(runs: dict[str, Any], shape: tuple[int, int], kinds: Sequence[
     return out
 
 
-def _step_cuts(g: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _step_cuts(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Where exposure fields are cut apart: straight edges from frame to frame (:func:`_edge_runs`).
 
     A collimator shutter's edge, the border of an unexposed panel or the seam of a double exposure is a
@@ -401,16 +415,18 @@ def _step_cuts(g: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray
     or to a divider (>= 20 %): the edge of a shutter in one exposure of two ends at the divider. The
     white divider of a double exposure is a thin ridge from frame to frame. Skin lines and bone outlines
     are not flat across, nor straight from frame to frame (a limb enters from the frame and ends in
-    the image).
+    the image). ``ceiling``: the highest background level (see :func:`_edge_runs`).
 
     Returns:
         ``(cuts, ridges)``: (h, w) bool lines, 1 px per row (column), the steps and the ridges.
     """
-    runs = (_edge_runs(g, valid), _edge_runs(g.T, valid.T))
+    runs = (_edge_runs(g, valid, ceiling), _edge_runs(g.T, valid.T, ceiling))
     shapes = (g.shape, g.T.shape)
     steps = [0, 1]
     full = _closed_lines(runs[0], shapes[0], steps, 0.5) | _closed_lines(runs[1], shapes[1], steps, 0.5).T
-    ridges = (_closed_lines(runs[0], shapes[0], [2], 0.5) | _closed_lines(runs[1], shapes[1], [2], 0.5).T) & valid
+    # a divider may end at an unexposed band along the frame
+    ridges = (_closed_lines(runs[0], shapes[0], [2], 0.5, long_run=0.85)
+              | _closed_lines(runs[1], shapes[1], [2], 0.5, long_run=0.85).T) & valid
     stop = full | ridges
     if stop.any():
         for _ in range(2):  # edges ending at edges ending at the frame
@@ -606,7 +622,7 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, openin
     mask = np.zeros(g.shape, dtype=bool)
     contrast = np.full(g.shape, -1.0, dtype=np.float32)
     noise = max(1.4826 * float(np.median(np.abs(g - ndi.uniform_filter(g, 3))[valid])), 0.003)  # pixel noise
-    cuts, ridges = _step_cuts(g, valid)
+    cuts, ridges = _step_cuts(g, valid, ceiling=peaks[-1] + 0.07 if peaks else None)
     if ridges.any() and peaks:  # a divider's white core and its penumbra strips: not part of either field
         cuts |= _grow(ridges, 4) & (g >= peaks[-1] + 0.03)
     for field in _exposure_fields(valid & ~cuts):
