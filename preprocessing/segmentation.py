@@ -375,24 +375,23 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
 
 
 def _closed_lines(runs: dict[str, Any], shape: tuple[int, int], kinds: Sequence[int], min_run: float,
-                  stop: np.ndarray | None = None, long_run: float = 2.0) -> np.ndarray:
+                  stop: np.ndarray | None = None, long_run: float = 2.0, open_end: bool = False) -> np.ndarray:
     """(h, w) bool, 1 px per row: the runs of ``kinds`` (:func:`_edge_runs`) >= ``min_run`` of the height
-    that are *closed*: both ends at the frame or the valid region's border or, with ``stop``, one end
-    there and the other within the runs' ``reach`` of ``stop`` (a perpendicular edge already found) or
-    the run >= ``long_run`` of the height. Per line the longest. (A run from the frame ending in the open is a limb's outline: a limb enters from
-    the frame and ends in the image.)"""
+    that are *closed*: each end at the frame or the valid region's border or, with ``stop``, within the
+    runs' ``reach`` of ``stop`` (a perpendicular edge), or one end there and the run >= ``long_run`` of
+    the height; with ``open_end`` one end suffices (candidates). Per line the longest. (A run from the
+    frame ending in the open is a limb's outline: a limb enters from the frame and ends in the image.)"""
     h, w = shape
     head, tail, length = runs["head"][kinds], runs["tail"][kinds], runs["length"][kinds]
     first, last = runs["first"][kinds], runs["last"][kinds]
     n_rows, reach = runs["cc"].shape[1], runs["reach"]
-    closed = (head & tail) | ((head | tail) & (length >= long_run * n_rows))
     if stop is not None:
         rows = np.arange(0, h, runs["step"])[None, :, None]
         near = _grow(stop, max(2, reach * runs["step"] // 2))  # an edge may end a few px short of the other
         sc = _cumsum0(near[rows, runs["cc"]] & runs["inside"])
-        closed |= np.stack([head[i] & (_window_count(sc, last[i] + 1, last[i] + 1 + reach) > 0)
-                            | tail[i] & (_window_count(sc, first[i] - reach, first[i]) > 0)
-                            for i in range(len(kinds))])
+        head = head | np.stack([_window_count(sc, first[i] - reach, first[i]) > 0 for i in range(len(kinds))])
+        tail = tail | np.stack([_window_count(sc, last[i] + 1, last[i] + 1 + reach) > 0 for i in range(len(kinds))])
+    closed = (head & tail) | ((head | tail) & (open_end | (length >= long_run * n_rows)))
     length = np.where(closed, length, 0).reshape(-1, w)  # (kinds x S, lines)
     k = np.argmax(length, axis=0)
     best = length[k, np.arange(w)]
@@ -423,18 +422,28 @@ def _step_cuts(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None) -
     runs = (_edge_runs(g, valid, ceiling), _edge_runs(g.T, valid.T, ceiling))
     shapes = (g.shape, g.T.shape)
     steps = [0, 1]
-    full = _closed_lines(runs[0], shapes[0], steps, 0.5) | _closed_lines(runs[1], shapes[1], steps, 0.5).T
-    # a divider may end at an unexposed band along the frame
-    ridges = (_closed_lines(runs[0], shapes[0], [2], 0.5, long_run=0.85)
-              | _closed_lines(runs[1], shapes[1], [2], 0.5, long_run=0.85).T) & valid
-    stop = full | ridges
-    if stop.any():
-        for _ in range(2):  # edges ending at edges ending at the frame
-            new = (_closed_lines(runs[0], shapes[0], steps, 0.2, stop)
-                   | _closed_lines(runs[1], shapes[1], steps, 0.2, stop.T).T)
-            full |= new
-            stop |= new
-    return full & valid, ridges
+
+    def both(fn: Any) -> list[np.ndarray]:
+        """``fn(runs, shape, other)`` for the vertical and the horizontal lines, on the image grid; ``other``:
+        the index of the perpendicular orientation (stops come from perpendicular lines only)."""
+        return [fn(runs[0], shapes[0], 1), fn(runs[1], shapes[1], 0).T]
+
+    def grid(lines: list[np.ndarray], o: int) -> np.ndarray:
+        """Orientation ``o``'s lines (image grid) on the grid of the other orientation's runs."""
+        return lines[o] if o == 1 else lines[o].T
+
+    full = both(lambda r, sh, o: _closed_lines(r, sh, steps, 0.5))
+    # a divider may end at an unexposed band along the frame: at its edge (a step from the frame on one
+    # side at least, >= 20 % of the side; the band may be cut in two by the divider) or near the frame
+    half = both(lambda r, sh, o: _closed_lines(r, sh, steps, 0.2, open_end=True))
+    ridges = both(lambda r, sh, o: _closed_lines(r, sh, [2], 0.5, grid(half, o), long_run=0.85))
+    stop = [f | r for f, r in zip(full, ridges, strict=True)]
+    for _ in range(2):  # edges ending at edges ending at the frame
+        new = both(lambda r, sh, o: _closed_lines(r, sh, steps, 0.2, grid(stop, o)) if stop[o].any()
+                   else np.zeros(sh, dtype=bool))
+        full = [f | n for f, n in zip(full, new, strict=True)]
+        stop = [f | n for f, n in zip(stop, new, strict=True)]
+    return (full[0] | full[1]) & valid, (ridges[0] | ridges[1]) & valid
 
 
 def _quadratic_fit(g: np.ndarray, weight: np.ndarray, max_samples: int = 2000) -> np.ndarray:
