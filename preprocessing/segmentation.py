@@ -13,7 +13,12 @@ box-downsampled working copy (long side ``work_size``, default 256), Gaussian-sm
    double exposure with its penumbra strips, and uniform strips along the frame that end at background
    level. Lines are tested tilted up to ~4.6 degrees, on medians along the line (an arm crossing a
    strip does not hide it).
-2. **Exposure fields**: the connected parts of what is left (two exposures, two backgrounds).
+2. **Exposure fields**: the connected parts of what is left (two exposures, two backgrounds), cut
+   apart along straight edges from frame to frame (:func:`_step_cuts`): steps flat on both sides (a
+   collimator shutter's edge, the border of an unexposed panel, the seam of a second exposure
+   collimated differently; also from the frame to such an edge or to a divider) and dividers (thin
+   ridges with a field on each side, left out with their bright surroundings). A limb's outline is
+   neither flat across nor closed at both ends (a limb enters from the frame and ends in the image).
 3. **Background per field** (:func:`_field_background`): the grey level of the most populous dark
    histogram peak, kept where it connects to the field's border (air reaches the frame; dark anatomy
    such as lungs does not), then a smooth surface fitted to it (a quadratic trend for the heel effect
@@ -288,6 +293,9 @@ def _cumsum0(b: np.ndarray) -> np.ndarray:
     return c
 
 
+_MIN_RUN = 0.2  # the shortest straight edge kept, as a fraction of the side (see _step_cuts)
+
+
 def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, min_step: float = 0.06,
                gap: float = 0.15, reach: float = 0.05, d: int = 2, flat_tol: float = 0.02, min_cover: float = 0.7,
                flank: float = 0.06) -> dict[str, Any]:
@@ -342,34 +350,39 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     if ceiling is None:
         ridge[:] = False
     else:
-        down_l = np.zeros_like(ridge)
-        down_r = np.zeros_like(ridge)
-        for o in range(d + 1, flank + 1):
-            down_l |= at(-o) <= ceiling
-            down_r |= at(o) <= ceiling
-        ridge &= down_l & down_r
+        span = flank - d  # offsets d + 1 .. flank on either side: one running minimum, then slices
+        low = ndi.minimum_filter1d(sheared, span, axis=2) <= ceiling  # low[i]: min over [i - span // 2, + span)
+        right, left = m + d + 1 + span // 2, m - flank + span // 2
+        ridge &= low[:, :, right: right + w] & low[:, :, left: left + w]
     kinds.append(ridge)
     out: dict[str, Any] = {"step": step, "cc": cc, "inside": inside, "reach": reach}
     res = {k: [] for k in ("first", "last", "length", "head", "tail")}
-    zero = np.zeros((cc.shape[0], 1, w), dtype=np.int32)
+    need = int(_MIN_RUN * min_cover * n_rows)  # the shortest run kept shows the edge on this many samples
     for b in kinds:
-        cb = _cumsum0(b)
-        if gap > 0:  # bridge gaps of <= gap samples: the edge within reach on both sides (a limb crossing)
-            c = cb[:, 1:]
-            pad = np.concatenate([np.repeat(zero, gap + 1, axis=1), c, np.repeat(c[:, -1:], gap + 1, axis=1)], axis=1)
-            b = b | ((pad[:, 2 * gap + 2:, :] - c > 0) & (c - pad[:, :n_rows, :] - b > 0))
-        c = np.cumsum(b, axis=1, dtype=np.int32)
-        run = c - np.maximum.accumulate(np.where(b, 0, c), axis=1)
-        last = np.argmax(run, axis=1)  # (S, W)
-        length = np.take_along_axis(run, last[:, None, :], axis=1)[:, 0, :]
-        first = last - length + 1
-        dense = _window_count(cb, first, last + 1) >= min_cover * length
-        res["first"].append(first)
-        res["last"].append(last)
-        res["length"].append(np.where(dense, length, 0))
-        # the frame or the valid region's border within reach beyond the run's end
-        res["head"].append((first < reach) | (_window_count(okc, first - reach, first) < reach))
-        res["tail"].append((last >= n_rows - reach) | (_window_count(okc, last + 1, last + 1 + reach) < reach))
+        first, last, length = (np.zeros((cc.shape[0], w), dtype=np.intp) for _ in range(3))
+        head, tail = np.zeros((cc.shape[0], w), dtype=bool), np.zeros((cc.shape[0], w), dtype=bool)
+        cols = np.flatnonzero((b.sum(axis=1) >= need).any(axis=0))  # only lines that can hold a run
+        if cols.size:
+            b = b[:, :, cols]
+            cb = _cumsum0(b)
+            if gap > 0:  # bridge gaps of <= gap samples: the edge within reach on both sides (a limb crossing)
+                c = cb[:, 1:]
+                zero = np.zeros((c.shape[0], gap + 1, c.shape[2]), dtype=np.int32)
+                padded = np.concatenate([zero, c, np.repeat(c[:, -1:], gap + 1, axis=1)], axis=1)
+                b = b | ((padded[:, 2 * gap + 2:, :] - c > 0) & (c - padded[:, :n_rows, :] - b > 0))
+            c = np.cumsum(b, axis=1, dtype=np.int32)
+            run = c - np.maximum.accumulate(np.where(b, 0, c), axis=1)
+            e = np.argmax(run, axis=1)  # (S, lines) the run's last sample
+            n = np.take_along_axis(run, e[:, None, :], axis=1)[:, 0, :]
+            f = e - n + 1
+            last[:, cols], first[:, cols] = e, f
+            length[:, cols] = np.where(_window_count(cb, f, e + 1) >= min_cover * n, n, 0)
+            # the frame or the valid region's border within reach beyond the run's end
+            okc_c = okc[:, :, cols]
+            head[:, cols] = (f < reach) | (_window_count(okc_c, f - reach, f) < reach)
+            tail[:, cols] = (e >= n_rows - reach) | (_window_count(okc_c, e + 1, e + 1 + reach) < reach)
+        for key, value in zip(res, (first, last, length, head, tail), strict=True):
+            res[key].append(value)
     out.update({k: np.stack(v) for k, v in res.items()})
     return out
 
@@ -435,11 +448,11 @@ def _step_cuts(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None) -
     full = both(lambda r, sh, o: _closed_lines(r, sh, steps, 0.5))
     # a divider may end at an unexposed band along the frame: at its edge (a step from the frame on one
     # side at least, >= 20 % of the side; the band may be cut in two by the divider) or near the frame
-    half = both(lambda r, sh, o: _closed_lines(r, sh, steps, 0.2, open_end=True))
+    half = both(lambda r, sh, o: _closed_lines(r, sh, steps, _MIN_RUN, open_end=True))
     ridges = both(lambda r, sh, o: _closed_lines(r, sh, [2], 0.5, grid(half, o), long_run=0.85))
     stop = [f | r for f, r in zip(full, ridges, strict=True)]
     for _ in range(2):  # edges ending at edges ending at the frame
-        new = both(lambda r, sh, o: _closed_lines(r, sh, steps, 0.2, grid(stop, o)) if stop[o].any()
+        new = both(lambda r, sh, o: _closed_lines(r, sh, steps, _MIN_RUN, grid(stop, o)) if stop[o].any()
                    else np.zeros(sh, dtype=bool))
         full = [f | n for f, n in zip(full, new, strict=True)]
         stop = [f | n for f, n in zip(stop, new, strict=True)]
