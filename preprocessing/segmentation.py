@@ -452,8 +452,8 @@ def _step_cuts(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None) -
     ridges = both(lambda r, sh, o: _closed_lines(r, sh, [2], 0.5, grid(half, o), long_run=0.85))
     stop = [f | r for f, r in zip(full, ridges, strict=True)]
     for _ in range(2):  # edges ending at edges ending at the frame
-        new = both(lambda r, sh, o: _closed_lines(r, sh, steps, _MIN_RUN, grid(stop, o)) if stop[o].any()
-                   else np.zeros(sh, dtype=bool))
+        new = both(lambda r, sh, o, stop=stop: _closed_lines(r, sh, steps, _MIN_RUN, grid(stop, o))
+                   if stop[o].any() else np.zeros(sh, dtype=bool))
         full = [f | n for f, n in zip(full, new, strict=True)]
         stop = [f | n for f, n in zip(stop, new, strict=True)]
     return (full[0] | full[1]) & valid, (ridges[0] | ridges[1]) & valid
