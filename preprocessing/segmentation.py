@@ -319,7 +319,7 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     """
     h, w = g.shape
     step, cc, inside = _line_samples(h, w)  # (S, R, W)
-    k = max(1, cc.shape[1] // 100)  # ~100 samples along a line are enough
+    k = max(1, round(cc.shape[1] / 100))  # ~100 samples along a line are enough
     cc, inside, step = cc[:, ::k], inside[:, ::k], step * k
     n_rows = cc.shape[1]
     gap, reach = max(3, int(gap * n_rows)), max(2, int(reach * n_rows))
@@ -432,7 +432,8 @@ def _step_cuts(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None) -
     Returns:
         ``(cuts, ridges)``: (h, w) bool lines, 1 px per row (column), the steps and the ridges.
     """
-    runs = (_edge_runs(g, valid, ceiling), _edge_runs(g.T, valid.T, ceiling))
+    runs = (_edge_runs(g, valid, ceiling),
+            _edge_runs(np.ascontiguousarray(g.T), np.ascontiguousarray(valid.T), ceiling))  # gathers: contiguous
     shapes = (g.shape, g.T.shape)
     steps = [0, 1]
 
