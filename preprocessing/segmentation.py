@@ -340,10 +340,9 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     okc = _cumsum0(ok)
     a1, a3, b1, b3 = at(d + 1), at(d + 3), at(-d - 1), at(-d - 3)
     diff = at(d) - at(-d)
-    kinds = []
-    for e in (diff, -diff):
-        tol = np.maximum(flat_tol, 0.2 * np.abs(e))
-        kinds.append(ok & (e >= min_step) & (np.abs(a1 - a3) <= tol) & (np.abs(b1 - b3) <= tol))
+    tol = np.maximum(flat_tol, 0.2 * np.abs(diff))
+    flat = ok & (np.abs(a1 - a3) <= tol) & (np.abs(b1 - b3) <= tol)
+    kinds = [flat & (diff >= min_step), flat & (diff <= -min_step)]
     # a divider's core, 1 to 8 px wide (a wedge) and flanked by grey penumbra strips: above both sides
     centre = at(0)
     ridge = ok & (np.maximum(centre - np.maximum(a1, b1), centre - np.maximum(a3, b3)) >= min_step)
@@ -450,11 +449,16 @@ def _step_cuts(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None) -
     # a divider may end at an unexposed band along the frame: at its edge (a step from the frame on one
     # side at least, >= 20 % of the side; the band may be cut in two by the divider) or near the frame
     half = both(lambda r, sh, o: _closed_lines(r, sh, steps, _MIN_RUN, open_end=True))
+    h, w = g.shape  # a band along the frame: its edge lies within 20 % of the side (not a fixator's bar)
+    half[0][:, int(0.2 * w): w - int(0.2 * w)] = False
+    half[1][int(0.2 * h): h - int(0.2 * h), :] = False
     ridges = both(lambda r, sh, o: _closed_lines(r, sh, [2], 0.5, grid(half, o), long_run=0.85))
     stop = [f | r for f, r in zip(full, ridges, strict=True)]
     for _ in range(2):  # edges ending at edges ending at the frame
         new = both(lambda r, sh, o, stop=stop: _closed_lines(r, sh, steps, _MIN_RUN, grid(stop, o))
                    if stop[o].any() else np.zeros(sh, dtype=bool))
+        if not any((n & ~f).any() for n, f in zip(new, full, strict=True)):
+            break
         full = [f | n for f, n in zip(full, new, strict=True)]
         stop = [f | n for f, n in zip(stop, new, strict=True)]
     return (full[0] | full[1]) & valid, (ridges[0] | ridges[1]) & valid
