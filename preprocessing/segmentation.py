@@ -13,7 +13,12 @@ box-downsampled working copy (long side ``work_size``, default 256), Gaussian-sm
    double exposure with its penumbra strips, and uniform strips along the frame that end at background
    level. Lines are tested tilted up to ~4.6 degrees, on medians along the line (an arm crossing a
    strip does not hide it).
-2. **Exposure fields**: the connected parts of what is left (two exposures, two backgrounds).
+2. **Exposure fields**: the connected parts of what is left (two exposures, two backgrounds), cut
+   apart along straight edges from frame to frame (:func:`_step_cuts`): steps flat on both sides (a
+   collimator shutter's edge, the border of an unexposed panel, the seam of a second exposure
+   collimated differently; also from the frame to such an edge or to a divider) and dividers (thin
+   ridges with a field on each side, left out with their bright surroundings). A limb's outline is
+   neither flat across nor closed at both ends (a limb enters from the frame and ends in the image).
 3. **Background per field** (:func:`_field_background`): the grey level of the most populous dark
    histogram peak, kept where it connects to the field's border (air reaches the frame; dark anatomy
    such as lungs does not), then a smooth surface fitted to it (a quadratic trend for the heel effect
@@ -274,6 +279,191 @@ def _straight_bands(g: np.ndarray, valid: np.ndarray, t: float, ceiling: float) 
     return vertical | horizontal
 
 
+def _window_count(c: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Sum over samples ``[lo, hi)`` (clipped) along axis 1 from ``c``, the cumulative sums with a leading 0."""
+    n = c.shape[1] - 1
+    lo, hi = np.clip(lo, 0, n), np.clip(hi, 0, n)
+    return (np.take_along_axis(c, hi[:, None, :], 1) - np.take_along_axis(c, lo[:, None, :], 1))[:, 0, :]
+
+
+def _cumsum0(b: np.ndarray) -> np.ndarray:
+    """Cumulative sums along axis 1 with a leading 0 (for :func:`_window_count`)."""
+    c = np.zeros((b.shape[0], b.shape[1] + 1, b.shape[2]), dtype=np.int32)
+    np.cumsum(b, axis=1, dtype=np.int32, out=c[:, 1:])
+    return c
+
+
+_MIN_RUN = 0.2  # the shortest straight edge kept, as a fraction of the side (see _step_cuts)
+
+
+def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, min_step: float = 0.06,
+               gap: float = 0.15, reach: float = 0.05, d: int = 2, flat_tol: float = 0.02, min_cover: float = 0.7,
+               flank: float = 0.06) -> dict[str, Any]:
+    """Runs of straight edges along the tilted vertical lines of :data:`_SHEARS` (see :func:`_step_cuts`).
+
+    Per line and kind (rising step, falling step, thin bright ridge) the longest run of samples (~100
+    along the line) showing the edge, gaps of <= ``gap`` of the line bridged (a limb crossing the edge)
+    when >= ``min_cover`` of the run shows it. A *step* rises
+    (falls) by >= ``min_step`` from ``d`` px before the line to ``d`` px beyond; a *ridge* (the thin white
+    divider of a double exposure) lies >= ``min_step`` above both sides ``d + 1`` or ``d + 3`` px away and
+    comes down to the background (``<= ceiling``; no ridges without it) within ``flank`` of the width on
+    both sides: a field on each side (a straight bone has soft tissue around it). Both sides of a step are flat
+    across the edge (the next 2 px within ``max(flat_tol, 0.2 x step)``): a panel, a shutter, a divider
+    or the background; a bone's cortex or the soft tissue inside a skin line vary.
+
+    Returns:
+        ``{"step", "cc", "inside", "reach", "first", "last", "length", "head", "tail"}``: ``(3, S, W)``
+        arrays for the kinds (rising, falling, ridge); ``head``/``tail``: the frame or the valid region's
+        border within ``reach`` of the line before / after the run (a dark frame edge or a thin band
+        along the frame apart).
+    """
+    h, w = g.shape
+    step, cc, inside = _line_samples(h, w)  # (S, R, W)
+    k = max(1, round(cc.shape[1] / 100))  # ~100 samples along a line are enough
+    cc, inside, step = cc[:, ::k], inside[:, ::k], step * k
+    n_rows = cc.shape[1]
+    gap, reach = max(3, int(gap * n_rows)), max(2, int(reach * n_rows))
+    # each tilt is a shift per row: shear the (padded) image once, then every offset is a slice
+    off = np.stack([_sheared_columns((h, 1), sh)[::step, 0] for sh in _SHEARS])  # (S, R) column of x = 0
+    flank = max(d + 3, int(flank * w))
+    m = flank  # >= d + 3: the widest offset sampled
+    pad = m + int(np.abs(off).max())
+    rows = np.arange(0, h, step)[None, :, None]
+    j = np.arange(w + 2 * m)[None, None, :] + off[:, :, None] + (pad - m)
+    sheared = np.pad(g, ((0, 0), (pad, pad)), mode="edge")[rows, j]  # (S, R, w + 2 m)
+    vs = np.pad(valid, ((0, 0), (pad, pad)))[rows, j]
+
+    def at(o: int) -> np.ndarray:
+        return sheared[:, :, m + o: m + o + w]
+
+    ok = inside & (cc >= d + 3) & (cc < w - d - 3) & vs[:, :, m - d: m - d + w] & vs[:, :, m + d: m + d + w]
+    okc = _cumsum0(ok)
+    a1, a3, b1, b3 = at(d + 1), at(d + 3), at(-d - 1), at(-d - 3)
+    diff = at(d) - at(-d)
+    tol = np.maximum(flat_tol, 0.2 * np.abs(diff))
+    flat = ok & (np.abs(a1 - a3) <= tol) & (np.abs(b1 - b3) <= tol)
+    kinds = [flat & (diff >= min_step), flat & (diff <= -min_step)]
+    # a divider's core, 1 to 8 px wide (a wedge) and flanked by grey penumbra strips: above both sides
+    centre = at(0)
+    ridge = ok & (np.maximum(centre - np.maximum(a1, b1), centre - np.maximum(a3, b3)) >= min_step)
+    if ceiling is None:
+        ridge[:] = False
+    else:
+        span = flank - d  # offsets d + 1 .. flank on either side: one running minimum, then slices
+        low = ndi.minimum_filter1d(sheared, span, axis=2) <= ceiling  # low[i]: min over [i - span // 2, + span)
+        right, left = m + d + 1 + span // 2, m - flank + span // 2
+        ridge &= low[:, :, right: right + w] & low[:, :, left: left + w]
+    kinds.append(ridge)
+    out: dict[str, Any] = {"step": step, "cc": cc, "inside": inside, "reach": reach}
+    res = {k: [] for k in ("first", "last", "length", "head", "tail")}
+    need = int(_MIN_RUN * min_cover * n_rows)  # the shortest run kept shows the edge on this many samples
+    for b in kinds:
+        first, last, length = (np.zeros((cc.shape[0], w), dtype=np.intp) for _ in range(3))
+        head, tail = np.zeros((cc.shape[0], w), dtype=bool), np.zeros((cc.shape[0], w), dtype=bool)
+        cols = np.flatnonzero((b.sum(axis=1) >= need).any(axis=0))  # only lines that can hold a run
+        if cols.size:
+            b = b[:, :, cols]
+            cb = _cumsum0(b)
+            if gap > 0:  # bridge gaps of <= gap samples: the edge within reach on both sides (a limb crossing)
+                c = cb[:, 1:]
+                zero = np.zeros((c.shape[0], gap + 1, c.shape[2]), dtype=np.int32)
+                padded = np.concatenate([zero, c, np.repeat(c[:, -1:], gap + 1, axis=1)], axis=1)
+                b = b | ((padded[:, 2 * gap + 2:, :] - c > 0) & (c - padded[:, :n_rows, :] - b > 0))
+            c = np.cumsum(b, axis=1, dtype=np.int32)
+            run = c - np.maximum.accumulate(np.where(b, 0, c), axis=1)
+            e = np.argmax(run, axis=1)  # (S, lines) the run's last sample
+            n = np.take_along_axis(run, e[:, None, :], axis=1)[:, 0, :]
+            f = e - n + 1
+            last[:, cols], first[:, cols] = e, f
+            length[:, cols] = np.where(_window_count(cb, f, e + 1) >= min_cover * n, n, 0)
+            # the frame or the valid region's border within reach beyond the run's end
+            okc_c = okc[:, :, cols]
+            head[:, cols] = (f < reach) | (_window_count(okc_c, f - reach, f) < reach)
+            tail[:, cols] = (e >= n_rows - reach) | (_window_count(okc_c, e + 1, e + 1 + reach) < reach)
+        for key, value in zip(res, (first, last, length, head, tail), strict=True):
+            res[key].append(value)
+    out.update({k: np.stack(v) for k, v in res.items()})
+    return out
+
+
+def _closed_lines(runs: dict[str, Any], shape: tuple[int, int], kinds: Sequence[int], min_run: float,
+                  stop: np.ndarray | None = None, long_run: float = 2.0, open_end: bool = False) -> np.ndarray:
+    """(h, w) bool, 1 px per row: the runs of ``kinds`` (:func:`_edge_runs`) >= ``min_run`` of the height
+    that are *closed*: each end at the frame or the valid region's border or, with ``stop``, within the
+    runs' ``reach`` of ``stop`` (a perpendicular edge), or one end there and the run >= ``long_run`` of
+    the height; with ``open_end`` one end suffices (candidates). Per line the longest. (A run from the
+    frame ending in the open is a limb's outline: a limb enters from the frame and ends in the image.)"""
+    h, w = shape
+    head, tail, length = runs["head"][kinds], runs["tail"][kinds], runs["length"][kinds]
+    first, last = runs["first"][kinds], runs["last"][kinds]
+    n_rows, reach = runs["cc"].shape[1], runs["reach"]
+    if stop is not None:
+        rows = np.arange(0, h, runs["step"])[None, :, None]
+        near = _grow(stop, max(2, reach * runs["step"] // 2))  # an edge may end a few px short of the other
+        sc = _cumsum0(near[rows, runs["cc"]] & runs["inside"])
+        head = head | np.stack([_window_count(sc, first[i] - reach, first[i]) > 0 for i in range(len(kinds))])
+        tail = tail | np.stack([_window_count(sc, last[i] + 1, last[i] + 1 + reach) > 0 for i in range(len(kinds))])
+    closed = (head & tail) | ((head | tail) & (open_end | (length >= long_run * n_rows)))
+    length = np.where(closed, length, 0).reshape(-1, w)  # (kinds x S, lines)
+    k = np.argmax(length, axis=0)
+    best = length[k, np.arange(w)]
+    out = np.zeros((h, w), dtype=bool)
+    step, n_s = runs["step"], len(_SHEARS)
+    first, last = first.reshape(-1, w), last.reshape(-1, w)
+    for i in np.flatnonzero(best >= max(min_run * n_rows, 10.0 / step)):
+        y0, y1 = int(first[k[i], i]) * step, min(h, (int(last[k[i], i]) + 1) * step)
+        cols = _sheared_columns((h, w), _SHEARS[k[i] % n_s])[y0:y1, i]
+        keep = (cols >= 0) & (cols < w)
+        out[np.arange(y0, y1)[keep], cols[keep]] = True
+    return out
+
+
+def _step_cuts(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Where exposure fields are cut apart: straight edges from frame to frame (:func:`_edge_runs`).
+
+    A collimator shutter's edge, the border of an unexposed panel or the seam of a double exposure is a
+    step flat on both sides from frame to frame (>= 50 % of the side), or from the frame to such an edge
+    or to a divider (>= 20 %): the edge of a shutter in one exposure of two ends at the divider. The
+    white divider of a double exposure is a thin ridge from frame to frame. Skin lines and bone outlines
+    are not flat across, nor straight from frame to frame (a limb enters from the frame and ends in
+    the image). ``ceiling``: the highest background level (see :func:`_edge_runs`).
+
+    Returns:
+        ``(cuts, ridges)``: (h, w) bool lines, 1 px per row (column), the steps and the ridges.
+    """
+    runs = (_edge_runs(g, valid, ceiling),
+            _edge_runs(np.ascontiguousarray(g.T), np.ascontiguousarray(valid.T), ceiling))  # gathers: contiguous
+    shapes = (g.shape, g.T.shape)
+    steps = [0, 1]
+
+    def both(fn: Any) -> list[np.ndarray]:
+        """``fn(runs, shape, other)`` for the vertical and the horizontal lines, on the image grid; ``other``:
+        the index of the perpendicular orientation (stops come from perpendicular lines only)."""
+        return [fn(runs[0], shapes[0], 1), fn(runs[1], shapes[1], 0).T]
+
+    def grid(lines: list[np.ndarray], o: int) -> np.ndarray:
+        """Orientation ``o``'s lines (image grid) on the grid of the other orientation's runs."""
+        return lines[o] if o == 1 else lines[o].T
+
+    full = both(lambda r, sh, o: _closed_lines(r, sh, steps, 0.5))
+    # a divider may end at an unexposed band along the frame: at its edge (a step from the frame on one
+    # side at least, >= 20 % of the side; the band may be cut in two by the divider) or near the frame
+    half = both(lambda r, sh, o: _closed_lines(r, sh, steps, _MIN_RUN, open_end=True))
+    h, w = g.shape  # a band along the frame: its edge lies within 20 % of the side (not a fixator's bar)
+    half[0][:, int(0.2 * w): w - int(0.2 * w)] = False
+    half[1][int(0.2 * h): h - int(0.2 * h), :] = False
+    ridges = both(lambda r, sh, o: _closed_lines(r, sh, [2], 0.5, grid(half, o), long_run=0.85))
+    stop = [f | r for f, r in zip(full, ridges, strict=True)]
+    for _ in range(2):  # edges ending at edges ending at the frame
+        new = both(lambda r, sh, o, stop=stop: _closed_lines(r, sh, steps, _MIN_RUN, grid(stop, o))
+                   if stop[o].any() else np.zeros(sh, dtype=bool))
+        if not any((n & ~f).any() for n, f in zip(new, full, strict=True)):
+            break
+        full = [f | n for f, n in zip(full, new, strict=True)]
+        stop = [f | n for f, n in zip(stop, new, strict=True)]
+    return (full[0] | full[1]) & valid, (ridges[0] | ridges[1]) & valid
+
+
 def _quadratic_fit(g: np.ndarray, weight: np.ndarray, max_samples: int = 2000) -> np.ndarray:
     """Least-squares coefficients of ``a + b u + c v + d u^2 + e v^2 + f u v`` (``u, v`` in [-0.5, 0.5])
     of ``g`` over the ``weight`` pixels."""
@@ -459,10 +649,15 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, openin
     mask = np.zeros(g.shape, dtype=bool)
     contrast = np.full(g.shape, -1.0, dtype=np.float32)
     noise = max(1.4826 * float(np.median(np.abs(g - ndi.uniform_filter(g, 3))[valid])), 0.003)  # pixel noise
-    for field in _exposure_fields(valid):
+    cuts, ridges = _step_cuts(g, valid, ceiling=peaks[-1] + 0.07 if peaks else None)
+    if ridges.any() and peaks:  # a divider's white core and its penumbra strips: not part of either field
+        cuts |= _grow(ridges, 4) & (g >= peaks[-1] + 0.03)
+    for field in _exposure_fields(valid & ~cuts):
         m, c = _segment_field(g, field, noise)
         mask |= m
         contrast = np.where(field, c, contrast)
+    if cuts.any():  # a cut through the body (a limb crossing a step edge) is closed again
+        mask |= cuts & _shrink(_grow(mask, 1), 1)
     if opening_radius > 0:
         opened = _opening(mask, opening_radius)
         mask = opened if opened.any() else mask
