@@ -24,7 +24,8 @@ Capture images to. The life of one instance:
    recorded in ``studies.csv`` and forwarded like the image SRs. An image arriving later makes a new
    study SR that names the earlier one as its predecessor.
 
-Crash safety: at start, files left in ``incoming/`` are queued again, except those whose UID already
+Crash safety: at start, temp files of unfinished writes in ``incoming/`` are deleted (a kill during a
+write leaves one; it is not an instance and is never scored), files left in ``incoming/`` are queued again, except those whose UID already
 has a ``results.csv`` row (crash between the row and the move), which are only moved: each instance
 is scored once. A resent instance already scored is acknowledged and not scored again. An SR is linked
 into ``outbox/`` *before* its row is committed (``results.csv`` / ``studies.csv``) and queued for forwarding
@@ -615,6 +616,8 @@ class ScoringNode:
 
     def _recover(self) -> None:
         """Queue what a previous run received but did not score, and SRs it did not forward."""
+        for stale in self.dirs["incoming"].glob(".*"):  # a temp file of a write the previous run did not finish
+            stale.unlink(missing_ok=True)  # (atomic writes name them ".<uid>.<random>.dcm"): not an instance
         incoming = sorted(self.dirs["incoming"].glob("*.dcm"), key=lambda p: p.stat().st_mtime)
         recorded = self._recorded_uids()
         requeued = 0

@@ -293,6 +293,10 @@ def test_restart_picks_up_received_but_unscored(tmp_path, make_node, phantoms, r
     for uid, path in zip(uids, phantoms.source_path[:3], strict=True):
         shutil.copy(path, incoming / f"{uid}.dcm")
         (incoming / f"{uid}.json").write_text(json.dumps({"calling_ae": "PACS", "received_at": time.time()}))
+    # a kill during the atomic write of uids[0]'s second copy left its temp file (a full copy of the image,
+    # named like a DICOM file): it is not an instance and must not be scored as one (it used to be: a
+    # second SR for the same image reached the archive in the Orthanc round trip)
+    shutil.copy(phantoms.source_path[0], incoming / f".{uids[0]}.j0032ys7.dcm")
     # uids[2] crashed after its results row was written but before the move: it must not be rescored
     (out / "results.csv").write_text("sop_instance_uid,study_instance_uid,calling_ae,received_at,scored_at,"
                                      "latency_s,score,raw_score,status,reason,image_path,sr_path\n"
