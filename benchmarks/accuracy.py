@@ -51,21 +51,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SALAD_MED_SHARED_DATA", REPO.parent / "shared" / "data"))  # as tests/conftest.py
 
 _NO_CARRIER = ["data.dataset=folder", "preprocess.detect_carrier=false", "preprocess.segment=false"]
+_MSK = dict(folder="msk_sample", labels=None, size=64, pre=["data.dataset=folder", "preprocess.apply_mask=true"],
+            ar=0.05, tf=0.3, group="patient_bodypart")
 #: dataset -> source folder, labels file, image size, preprocessing overrides, split parameters
 DATASETS: dict[str, dict] = {
     "zhanglab": dict(folder="zhanglab_train", labels="labels.csv", size=128, pre=_NO_CARRIER, ar=0.0, tf=0.55,
                      group="patient", budget=["train.pretrain_epochs=4", "train.rounds=3", "train.epochs_per_round=2"]),
     "cxr": dict(folder="cxr_sample", labels=None, size=64, pre=_NO_CARRIER, ar=0.05, tf=0.4, group="patient"),
-    "msk": dict(folder="msk_sample", labels=None, size=64, pre=["data.dataset=folder", "preprocess.apply_mask=true"],
-                ar=0.05, tf=0.3, group="patient_bodypart"),
+    "msk": _MSK,
     # factor rows of docs/accuracy.md: FracAtlas without background masking, and at 128 / 256 px (same images,
     # same split seed and parameters)
-    "msk_nomask": dict(folder="msk_sample", labels=None, size=64, pre=["data.dataset=folder"], ar=0.05, tf=0.3,
-                       group="patient_bodypart"),
-    "msk128": dict(folder="msk_sample", labels=None, size=128, pre=["data.dataset=folder", "preprocess.apply_mask=true"],
-                   ar=0.05, tf=0.3, group="patient_bodypart"),
-    "msk256": dict(folder="msk_sample", labels=None, size=256, pre=["data.dataset=folder", "preprocess.apply_mask=true"],
-                   ar=0.05, tf=0.3, group="patient_bodypart"),
+    "msk_nomask": {**_MSK, "pre": ["data.dataset=folder"]},
+    "msk128": {**_MSK, "size": 128},
+    "msk256": {**_MSK, "size": 256},
     "demo": dict(folder=None, labels=None, size=64, pre=["data.dataset=mura"], ar=0.05, tf=0.5,
                  group="patient_bodypart"),
 }
@@ -158,9 +156,9 @@ def run_one(dataset: str, entry: str, seed: int, work: Path, splits: tuple[Path,
     name, *extra = entry.split("+")  # method[@preset][+key=value...]: extra overrides (ablation rows)
     method, _, preset = name.partition("@")
     run_dir = work / "runs" / dataset / entry.replace("@", "_at_").replace("+", "_with_").replace("=", "-") / f"seed{seed}"
-    cached = run_dir / "result.json"
+    cached, where = run_dir / "result.json", {"run_dir": str(run_dir.relative_to(work))}
     if cached.is_file():
-        return {**json.loads(cached.read_text()), "run_dir": str(run_dir.relative_to(work))}
+        return {**json.loads(cached.read_text()), **where}
     spec = DATASETS[dataset]
     get_method(method)  # unknown names fail here, before any training
     # ``key=@name``: the run folder of method ``name`` on this data set and seed (trained first if missing),
@@ -198,7 +196,7 @@ def run_one(dataset: str, entry: str, seed: int, work: Path, splits: tuple[Path,
               "cpu_s": round(cpu, 1), "wall_s": round(time.perf_counter() - wall0, 1),
               "split": split.name, "n_test": ev["n"], "n_test_abnormal": ev["n_abnormal"]}
     cached.write_text(json.dumps(result, indent=2))
-    return {**result, "run_dir": str(run_dir.relative_to(work))}
+    return {**result, **where}
 
 
 def summarise(rows: list[dict]):

@@ -77,7 +77,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from preprocessing.atomic import atomic_path, atomic_write_text
+from preprocessing.atomic import atomic_path, atomic_write_text, remove_stale_temps
 from salad_med import __version__
 from salad_med.dicom.sr import DEFAULT_SERIES_DESCRIPTION, quiet_phi_warnings, write_score_sr
 from salad_med.errors import ConfigError, SaladMedError
@@ -616,8 +616,7 @@ class ScoringNode:
 
     def _recover(self) -> None:
         """Queue what a previous run received but did not score, and SRs it did not forward."""
-        for stale in self.dirs["incoming"].glob(".*"):  # a temp file of a write the previous run did not finish
-            stale.unlink(missing_ok=True)  # (atomic writes name them ".<uid>.<random>.dcm"): not an instance
+        remove_stale_temps(self.dirs["incoming"])  # a write the previous run did not finish: not an instance
         incoming = sorted(self.dirs["incoming"].glob("*.dcm"), key=lambda p: p.stat().st_mtime)
         recorded = self._recorded_uids()
         requeued = 0
