@@ -179,6 +179,24 @@ def local_range(g: np.ndarray, size: int = 5) -> np.ndarray:
     return hi - lo
 
 
+def _bilinear(img: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Bilinear samples of ``img (h, w)`` at ``(y, x)``, edges replicated beyond the image: the values of
+    ``scipy.ndimage.map_coordinates(img, [y, x], order=1, mode="nearest")`` (to float rounding), ~5x
+    faster (four flat gathers instead of a general spline evaluation). Returns ``img``'s dtype."""
+    h, w = img.shape
+    y = np.clip(y, 0.0, h - 1.0)
+    x = np.clip(x, 0.0, w - 1.0)
+    y0 = np.minimum(y.astype(np.intp), max(h - 2, 0))  # y >= 0: truncation is floor
+    x0 = np.minimum(x.astype(np.intp), max(w - 2, 0))
+    fy, fx = y - y0, x - x0
+    flat = img.ravel()
+    i = y0 * w + x0
+    dy, dx = (w if h > 1 else 0), (1 if w > 1 else 0)
+    top = flat[i] * (1.0 - fx) + flat[i + dx] * fx
+    bottom = flat[i + dy] * (1.0 - fx) + flat[i + dy + dx] * fx
+    return (top * (1.0 - fy) + bottom * fy).astype(img.dtype, copy=False)
+
+
 def _window_max(a: np.ndarray, sy: int, sx: int) -> np.ndarray:
     """``maximum_filter(a, size=(sy, sx), mode="constant")`` (cval 0) for ``a >= 0``, by shifted slices."""
     ry, rx = sy // 2, sx // 2
@@ -543,7 +561,7 @@ class _Detector:
             keys.append((key, res))
         if parts:
             coords = np.concatenate(parts)
-            values = ndi.map_coordinates(self.g, [coords[:, 1], coords[:, 0]], order=1, mode="nearest")
+            values = _bilinear(self.g, coords[:, 1], coords[:, 0])
         start = 0
         for key, res in keys:
             if res is not None:

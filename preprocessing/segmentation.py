@@ -134,6 +134,34 @@ def _line_samples(h: int, w: int) -> tuple[int, np.ndarray, np.ndarray]:
     return step, cc, inside
 
 
+@functools.lru_cache(maxsize=8)
+def _line_flat(h: int, w: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """:func:`_line_samples` laid out line by line: row step, ``(S, W, R)`` flat indices into a C-ordered
+    ``(h, w)`` image (``np.take`` on its ``ravel()``: ~5x faster than 2-d fancy indexing, and the
+    reductions along a line run over contiguous memory) and the in-frame flags (cached; read-only)."""
+    step, cc, inside = _line_samples(h, w)
+    rows = np.arange(0, h, step, dtype=np.intp)[None, :, None]
+    flat = np.ascontiguousarray((rows * w + cc).transpose(0, 2, 1))
+    inside_t = np.ascontiguousarray(inside.transpose(0, 2, 1))
+    flat.flags.writeable = False
+    inside_t.flags.writeable = False
+    return step, flat, inside_t
+
+
+@functools.lru_cache(maxsize=16)
+def _shear_index(h: int, w: int, step: int, m: int) -> tuple[int, np.ndarray]:
+    """Padding and ``(S, R, w + 2 m)`` flat indices into the ``(h, w + 2 pad)`` padded image: every
+    step-th row of each tilt of :data:`_SHEARS` sheared into a straight line, ``m`` columns beyond each
+    side (for :func:`_edge_runs`; cached, read-only)."""
+    off = np.stack([_sheared_columns((h, 1), sh)[::step, 0] for sh in _SHEARS])  # (S, R) column of x = 0
+    pad = m + int(np.abs(off).max())
+    rows = np.arange(0, h, step, dtype=np.intp)[None, :, None]
+    j = np.arange(w + 2 * m)[None, None, :] + off[:, :, None] + (pad - m)
+    index = rows * (w + 2 * pad) + j
+    index.flags.writeable = False
+    return pad, index
+
+
 def _sheared_columns(shape: tuple[int, int], shear: float) -> np.ndarray:
     """(h, w) column index of the line ``x = x0 + shear * (y - yc)`` through each ``x0`` (may leave the frame)."""
     h, w = shape
@@ -147,7 +175,7 @@ def _upper_median(v: np.ndarray, axis: int) -> np.ndarray:
     return np.take(np.partition(v, k, axis=axis), k, axis=axis)
 
 
-def _band_lines(g: np.ndarray, valid: np.ndarray, bright: np.ndarray, ceiling: float, tol: float,
+def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: float, tol: float,
                 min_span: float = 0.85, max_width: float = 0.15, min_uniform: float = 0.7,
                 min_bright: float = 0.6, min_strip: int = 4) -> np.ndarray:
     """Straight non-field bands across ``g`` (vertical, tilted up to ~4.6 degrees): (h, w) bool.
@@ -155,7 +183,7 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright: np.ndarray, ceiling: f
     Lines are indexed by the column ``x0`` where they cross the middle row; each takes the tilt of
     :data:`_SHEARS` along which it is most uniform (the white core of a divider and its penumbra strips
     may tilt differently). A line is *uniform* when >= ``min_uniform`` of its valid samples lie within
-    ``tol`` of its median. A *core* is a run of adjacent lines that are ``bright`` (unexposed) on >=
+    ``tol`` of its median. A *core* is a run of adjacent lines that are bright (unexposed, ``>= bright_level``) on >=
     ``min_bright`` of their valid length: the white band between two exposures (it may fade to a grey
     strip over part of the length). From a core the
     band is extended line by line while the line lies above the background ``ceiling`` and is uniform
@@ -168,45 +196,44 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright: np.ndarray, ceiling: f
     of such lines is a strip when it ends at background level within ``max_width`` of the side.
     """
     h, w = g.shape
-    step, cc_all, inside_all = _line_samples(h, w)  # (S, R, W) columns of every tilted line, every step-th row
-    rows = np.arange(0, h, step)[None, :, None]
-    n_rows = cc_all.shape[1]
+    step, flat_all, inside_all = _line_flat(h, w)  # (S, W, R): every tilted line's samples, contiguous
+    n_rows = flat_all.shape[2]
     max_d = max(2, int(max_width * w))
     # only lines that can matter: near the frame sides, or within reach of a possible core (a line
     # that is bright on >= 10 % of its length untilted; a tilted core drifts <= 0.08 h / 2)
     reach = max_d + 7 + int(0.04 * h)
-    cand = (bright[::step].mean(axis=0) >= 0.1)
+    cand = ((g[::step] >= bright_level) & valid[::step]).mean(axis=0) >= 0.1
     cand = ndi.maximum_filter1d(cand.view(np.uint8), 2 * reach + 1).astype(bool)
     cand[: max_d + 7] = True
     cand[w - max_d - 7:] = True
     sel = np.flatnonzero(cand)
-    cc, inside = cc_all[:, :, sel], inside_all[:, :, sel]
-    ok = inside & valid[rows, cc]
-    n_ok = np.maximum(ok.sum(axis=1), 1)  # (S, Wc)
-    v = g[rows, cc]
+    flat, inside = flat_all[:, sel], inside_all[:, sel]  # (S, Wc, R)
+    ok = inside & np.take(valid.ravel(), flat)
+    n_ok = np.maximum(ok.sum(axis=2), 1)  # (S, Wc)
+    v = np.take(g.ravel(), flat)
     k = n_rows // 2
     n_s = len(_SHEARS)
     meds = np.full((n_s, w), -1.0)
     uni, spans, brights = np.zeros((n_s, w)), np.zeros((n_s, w)), np.zeros((n_s, w))
     reaches = np.zeros((n_s, w), dtype=bool)
-    med = np.partition(np.where(ok, v, -1.0), k, axis=1)[:, k, :]  # invalid samples sort first (few)
+    med = np.partition(np.where(ok, v, -1.0), k, axis=2)[:, :, k]  # invalid samples sort first (few)
     meds[:, sel] = med
-    uni[:, sel] = (ok & (np.abs(v - med[:, None, :]) <= tol)).sum(axis=1) / n_ok
-    spans[:, sel] = ok.sum(axis=1) / float(n_rows)
+    uni[:, sel] = (ok & (np.abs(v - med[:, :, None]) <= tol)).sum(axis=2) / n_ok
+    spans[:, sel] = ok.sum(axis=2) / float(n_rows)
     end = max(2, n_rows // 16)  # a band runs from frame to frame: no background at either end
-    reaches[:, sel] = (v[:, :end].mean(axis=1) > ceiling) & (v[:, -end:].mean(axis=1) > ceiling)
+    reaches[:, sel] = (v[:, :, :end].mean(axis=2) > ceiling) & (v[:, :, -end:].mean(axis=2) > ceiling)
     # the line's own ends in the valid region (the first and last 3 valid samples, not the carrier's
     # exterior beyond them): a band crossing the field stays above background there, a limb ending
     # inside the field (a bone with its soft tissue) comes down to it
-    seen = np.cumsum(ok, axis=1)
-    head, tail = ok & (seen <= 3), ok & (seen > ok.sum(axis=1, keepdims=True) - 3)
+    seen = np.cumsum(ok, axis=2)
+    head, tail = ok & (seen <= 3), ok & (seen > seen[:, :, -1:] - 3)
     ends_level = np.full((n_s, w), -1.0)  # the darker of the two ends (mean of 3 samples each)
-    ends_level[:, sel] = np.minimum(np.where(head, v, 0.0).sum(axis=1) / np.maximum(head.sum(axis=1), 1),
-                                    np.where(tail, v, 0.0).sum(axis=1) / np.maximum(tail.sum(axis=1), 1))
-    lit = ok & bright[rows, cc]
-    n_lit = lit.sum(axis=1)
-    lit_mean = np.where(lit, v, 0.0).sum(axis=1) / np.maximum(n_lit, 1)  # the bright samples agree:
-    agree = (lit & (np.abs(v - lit_mean[:, None, :]) <= _CORE_TOL)).sum(axis=1) >= _CORE_AGREE * n_lit
+    ends_level[:, sel] = np.minimum(np.where(head, v, 0.0).sum(axis=2) / np.maximum(head.sum(axis=2), 1),
+                                    np.where(tail, v, 0.0).sum(axis=2) / np.maximum(tail.sum(axis=2), 1))
+    lit = ok & (v >= bright_level)  # = ok & bright at the samples
+    n_lit = lit.sum(axis=2)
+    lit_mean = np.where(lit, v, 0.0).sum(axis=2) / np.maximum(n_lit, 1)  # the bright samples agree:
+    agree = (lit & (np.abs(v - lit_mean[:, :, None]) <= _CORE_TOL)).sum(axis=2) >= _CORE_AGREE * n_lit
     brights[:, sel] = np.where(agree, n_lit / n_ok, 0.0)  # a cast or a bone varies along its length
     best = np.argmax(uni - 0.01 * np.abs(np.asarray(_SHEARS))[:, None], axis=0)  # ties: the least tilt
     at = np.arange(w)
@@ -272,10 +299,10 @@ def _straight_bands(g: np.ndarray, valid: np.ndarray, t: float, ceiling: float) 
     """Unexposed or other non-field straight bands, both orientations: dividers between the exposures of
     a double exposure with their penumbra strips, and strips along the frame (see :func:`_band_lines`).
     """
-    bright = (g >= max(t, 0.6)) & valid
-    tol = 0.04
-    vertical = _band_lines(g, valid, bright, ceiling, tol)
-    horizontal = _band_lines(g.T, valid.T, bright.T, ceiling, tol).T
+    level, tol = max(t, 0.6), 0.04
+    vertical = _band_lines(g, valid, level, ceiling, tol)
+    gt, vt = np.ascontiguousarray(g.T), np.ascontiguousarray(valid.T)  # flat gathers need C order
+    horizontal = _band_lines(gt, vt, level, ceiling, tol).T
     return vertical | horizontal
 
 
@@ -324,14 +351,11 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     n_rows = cc.shape[1]
     gap, reach = max(3, int(gap * n_rows)), max(2, int(reach * n_rows))
     # each tilt is a shift per row: shear the (padded) image once, then every offset is a slice
-    off = np.stack([_sheared_columns((h, 1), sh)[::step, 0] for sh in _SHEARS])  # (S, R) column of x = 0
     flank = max(d + 3, int(flank * w))
     m = flank  # >= d + 3: the widest offset sampled
-    pad = m + int(np.abs(off).max())
-    rows = np.arange(0, h, step)[None, :, None]
-    j = np.arange(w + 2 * m)[None, None, :] + off[:, :, None] + (pad - m)
-    sheared = np.pad(g, ((0, 0), (pad, pad)), mode="edge")[rows, j]  # (S, R, w + 2 m)
-    vs = np.pad(valid, ((0, 0), (pad, pad)))[rows, j]
+    pad, index = _shear_index(h, w, step, m)
+    sheared = np.take(np.pad(g, ((0, 0), (pad, pad)), mode="edge").ravel(), index)  # (S, R, w + 2 m)
+    vs = np.take(np.pad(valid, ((0, 0), (pad, pad))).ravel(), index)
 
     def at(o: int) -> np.ndarray:
         return sheared[:, :, m + o: m + o + w]
@@ -354,7 +378,8 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
         right, left = m + d + 1 + span // 2, m - flank + span // 2
         ridge &= low[:, :, right: right + w] & low[:, :, left: left + w]
     kinds.append(ridge)
-    out: dict[str, Any] = {"step": step, "cc": cc, "inside": inside, "reach": reach}
+    flat = np.arange(0, h, step, dtype=np.intp)[None, :, None] * w + cc  # (S, R, W) into g.ravel()
+    out: dict[str, Any] = {"step": step, "cc": cc, "flat": flat, "inside": inside, "reach": reach}
     res = {k: [] for k in ("first", "last", "length", "head", "tail")}
     need = int(_MIN_RUN * min_cover * n_rows)  # the shortest run kept shows the edge on this many samples
     for b in kinds:
@@ -398,9 +423,8 @@ def _closed_lines(runs: dict[str, Any], shape: tuple[int, int], kinds: Sequence[
     first, last = runs["first"][kinds], runs["last"][kinds]
     n_rows, reach = runs["cc"].shape[1], runs["reach"]
     if stop is not None:
-        rows = np.arange(0, h, runs["step"])[None, :, None]
         near = _grow(stop, max(2, reach * runs["step"] // 2))  # an edge may end a few px short of the other
-        sc = _cumsum0(near[rows, runs["cc"]] & runs["inside"])
+        sc = _cumsum0(np.take(near.ravel(), runs["flat"]) & runs["inside"])
         head = head | np.stack([_window_count(sc, first[i] - reach, first[i]) > 0 for i in range(len(kinds))])
         tail = tail | np.stack([_window_count(sc, last[i] + 1, last[i] + 1 + reach) > 0 for i in range(len(kinds))])
     closed = (head & tail) | ((head | tail) & (open_end | (length >= long_run * n_rows)))
