@@ -548,20 +548,22 @@ class _Detector:
 
     def _sample(self, lines: Sequence[tuple[np.ndarray, float]]) -> None:
         """Across-line profiles of ``lines`` (one interpolation call for all), into the cache."""
-        keys, parts = [], []
+        keys, parts, normals = [], [], []
         for n, c in lines:
             key = (round(float(n[0]), 9), round(float(n[1]), 9), round(float(c), 6))
             pts, d = _line_points(n, c, self.h, self.w)
             if pts is None:
                 res = None
             else:
-                coords = pts[:, None, :] + self.offsets[None, :, None] * n[None, None, :]  # (T, K, 2) (x, y)
-                parts.append(coords.reshape(-1, 2))
+                parts.append(pts)
+                normals.append(np.broadcast_to(n, pts.shape))
                 res = (pts, d, None)
             keys.append((key, res))
-        if parts:
-            coords = np.concatenate(parts)
-            values = _bilinear(self.g, coords[:, 1], coords[:, 0])
+        if parts:  # every line's points, K offsets across each: (P, K) x and y, one interpolation call
+            pts, nrm = np.concatenate(parts), np.concatenate(normals)
+            x = pts[:, 0:1] + self.offsets[None, :] * nrm[:, 0:1]
+            y = pts[:, 1:2] + self.offsets[None, :] * nrm[:, 1:2]
+            values = _bilinear(self.g, y.ravel(), x.ravel())
         start = 0
         for key, res in keys:
             if res is not None:
