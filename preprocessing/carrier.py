@@ -491,6 +491,31 @@ def _robust_line_batch(t: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[
     return a, b
 
 
+def _last_mean(a: np.ndarray) -> np.ndarray:
+    """``a.mean(axis=-1)``, bit for bit, ~4x faster for the few (< 8) samples of a profile band.
+
+    numpy reduces a short last axis element by element (slow per row); summing its slices left to right
+    is the very order numpy uses below 8 terms (pairwise summation starts at 8), so the sums, and the
+    division by the count, are identical. Longer axes fall back to ``mean``.
+    """
+    n = a.shape[-1]
+    if not 0 < n < 8:
+        return a.mean(axis=-1)
+    total = a[..., 0].copy()
+    for j in range(1, n):
+        total += a[..., j]
+    return total / n
+
+
+def _last_max(a: np.ndarray) -> np.ndarray:
+    """``a.max(axis=-1)`` by a running ``np.maximum`` over the last axis' slices (exact: max does not
+    round; ~5x faster than numpy's reduction over a short last axis). ``a`` must hold no NaN."""
+    out = a[..., 0].copy()
+    for j in range(1, a.shape[-1]):
+        np.maximum(out, a[..., j], out=out)
+    return out
+
+
 def _edge_positions_batch(prof: np.ndarray, inner: np.ndarray, outer: np.ndarray, sign: np.ndarray,
                           offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """:meth:`_Detector._edge_positions` for ``(L, T, K)`` profiles at once (NaN rows give 99)."""
@@ -501,7 +526,7 @@ def _edge_positions_batch(prof: np.ndarray, inner: np.ndarray, outer: np.ndarray
         cross = np.where(up, offsets[:-1] + (-z[:, :, :-1]) / np.where(up, z[:, :, 1:] - z[:, :, :-1], 1.0), np.inf)
     pos = np.take_along_axis(cross, np.argmin(np.abs(cross), axis=2)[:, :, None], axis=2)[:, :, 0]
     rise = sign[:, None, None] * np.diff(prof, axis=2)
-    step = np.where(np.isnan(rise), -np.inf, rise).max(axis=2)
+    step = _last_max(np.where(np.isnan(rise), -np.inf, rise))
     return np.where(np.isfinite(pos), pos, 99.0), step
 
 
@@ -664,8 +689,8 @@ class _Detector:
             meas = self._measure_batch([(normals[i], offsets[i]) for i in idx])
             pts_l, d_l, prof, valid = meas
             n_t = valid.shape[1]
-            inner = prof[:, :, : k - 1].mean(axis=2)  # NaN on padding rows (never valid)
-            outer = prof[:, :, k + 2:].mean(axis=2)
+            inner = _last_mean(prof[:, :, : k - 1])  # NaN on padding rows (never valid)
+            outer = _last_mean(prof[:, :, k + 2:])
             diff = outer - inner
             big = valid & (np.abs(diff) >= p.min_contrast)
             n_big = big.sum(axis=1)
@@ -872,8 +897,8 @@ class _Detector:
             prof[j, : profs[i][2].shape[0]] = profs[i][2]
         prof = np.concatenate([prof, prof[:, :, ::-1]])  # exterior on +n, then on -n (reversed offsets)
         with np.errstate(invalid="ignore"):
-            inner = prof[:, :, : k - 1].mean(axis=2)
-            outer = prof[:, :, k + 2:].mean(axis=2)
+            inner = _last_mean(prof[:, :, : k - 1])
+            outer = _last_mean(prof[:, :, k + 2:])
             diff = outer - inner  # NaN on padding rows: every comparison below is False there
             big = np.abs(diff) >= p.min_contrast
             n_big = big.sum(axis=1)
