@@ -310,7 +310,7 @@ def _steepest_falls(p: np.ndarray, lo: np.ndarray | int, hi: np.ndarray | int, d
     return i, i + shift, mid, top - p[i + d, at]
 
 
-def _side_band_rows(a: np.ndarray, ok: np.ndarray, min_step: float = 0.3, d: int = 2, min_depth: int = 6,
+def _side_band_rows(a: np.ndarray, ok: np.ndarray, min_step: float = 0.3, d: int = 2, min_depth: float = 6.0,
                     max_depth: float = 0.25, min_run: float = 0.25, max_gap: float = 0.3, corner: float = 0.03,
                     tol: float = 2.5, min_inliers: float = 0.8, max_tilt: float = 0.08, margin: int = 2,
                     slack: int = 6) -> np.ndarray:
@@ -336,7 +336,7 @@ def _side_band_rows(a: np.ndarray, ok: np.ndarray, min_step: float = 0.3, d: int
     p = a[: reach + d + 1]
     at = np.arange(n)
     i, pos, size, lead = _steepest_falls(p, d, reach, d)
-    found = (size >= min_step) & (lead >= min_step) & (i >= min_depth) & ok[i, at]
+    found = (size >= min_step) & (lead >= min_step) & (i + d >= min_depth) & ok[i, at]  # its foot off the frame
     out = np.zeros(n, dtype=np.intp)
     seed_n, gap = int(min_run * n), max(1, int(max_gap * n))
     for flip in (False, True):  # from either end of the side (a frame corner)
@@ -355,7 +355,7 @@ def _side_band_rows(a: np.ndarray, ok: np.ndarray, min_step: float = 0.3, d: int
         run = idx[: breaks[0] + 1] if breaks.size else idx
         c0, slope = _robust_line(run.astype(np.float64), y[run])
         end = int(run[-1]) + 1
-        if end < min_run * n or abs(slope) > max_tilt:
+        if end < min_run * n or abs(slope) > max_tilt or _upper_median(y[run], 0) < min_depth:
             continue
         line = np.rint(c0 + slope * at[:end]).astype(np.intp)
         lines = at[n - end:][::-1] if flip else at[:end]  # the run's lines in the original order
