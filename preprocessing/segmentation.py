@@ -28,10 +28,13 @@ box-downsampled working copy (long side ``work_size``, default 256), Gaussian-sm
 4. **Body** = hysteresis on the contrast to that surface: low ``max(4 sigma, 0.012) + 0.005``, high
    ``max(8 sigma, 0.08)`` (``sigma``: the background's spread about the surface): soft tissue to the
    skin line, thin fingers included.
-5. Opening, components (flat components along the frame/carrier border are bands; others >=
+5. The **shutter band of one exposure** of a double exposure (:func:`_side_bands`): bright from the
+   frame to a straight falling step, from a frame corner along >= 25 % of the side (often to the
+   divider), joined to the limb running into it; left out of the body up to its edge + 2 px.
+6. Opening, components (flat components along the frame/carrier border are bands; others >=
    ``keep_fraction`` of the largest are kept: two limbs), then holes filled unless they are at
    background level (air enclosed by a hand making a ring, or between fixator bars, stays out).
-6. Pixels outside a detected carrier (:mod:`preprocessing.carrier`), minus 2 working px of its border
+7. Pixels outside a detected carrier (:mod:`preprocessing.carrier`), minus 2 working px of its border
    blur, are background.
 
 The body part includes soft tissue, casts and implants; burned-in markers and labels apart from the
@@ -324,19 +327,22 @@ def _side_band_rows(a: np.ndarray, ok: np.ndarray, min_step: float = 0.3, d: int
     the side (>= ``min_inliers`` of them within ``tol`` px of it; its slope limited to ``max_tilt``), then
     followed along the side while steps lie on it, gaps of <= ``max_gap`` of the side bridged (a limb next
     to the band, the divider; the other exposure's band lies elsewhere), >= ``min_run`` of the side in all,
-    refitted (slope <= ``max_tilt``). On each line of the run the band is cleared to its steepest step
+    refitted (slope <= ``max_tilt``); its median step lies >= ``min_depth`` px from the frame (each step's
+    foot, ``d`` px further, at least). On each line of the run the band is cleared to its steepest step
     within ``slack`` px of the line (next to a limb the step is lower and blurred), >= ``min_step / 2``
-    with the band as far above its foot, and ``margin`` px beyond (the penumbra); a line without one (a
-    limb seen through a thin bright strip) is left alone.
+    with the band as far above its foot, and ``margin`` px beyond (the penumbra); a line without one is
+    cleared to the line where the band is as bright there as on a quarter of its steps at least (it hides
+    the bone of a limb running into it), else left alone.
     """
     depth, n = a.shape
-    reach = max(min_depth + 1, int(max_depth * depth))
+    reach = max(int(min_depth) + 1, int(max_depth * depth))
     if reach + d >= depth or n < 16:
         return np.zeros(n, dtype=np.intp)
     p = a[: reach + d + 1]
     at = np.arange(n)
     i, pos, size, lead = _steepest_falls(p, d, reach, d)
     found = (size >= min_step) & (lead >= min_step) & (i + d >= min_depth) & ok[i, at]  # its foot off the frame
+    low = np.minimum.accumulate(p[1:], axis=0)  # row r: the least of p[1 : r + 2]
     out = np.zeros(n, dtype=np.intp)
     seed_n, gap = int(min_run * n), max(1, int(max_gap * n))
     for flip in (False, True):  # from either end of the side (a frame corner)
@@ -361,7 +367,12 @@ def _side_band_rows(a: np.ndarray, ok: np.ndarray, min_step: float = 0.3, d: int
         lines = at[n - end:][::-1] if flip else at[:end]  # the run's lines in the original order
         q, _, s, le = _steepest_falls(p[:, lines], np.clip(line - slack, d, reach), np.clip(line + slack, d, reach), d)
         keep = (s >= 0.5 * min_step) & (le >= 0.5 * min_step)
-        out[lines] = np.where(keep, np.maximum(out[lines], q + margin + 1), out[lines])
+        line = np.clip(line, d, reach)
+        band = low[np.maximum(line - d - 1, 0), lines]  # the band's least brightness from the frame to the line
+        level = np.quantile(low[np.maximum(y[run].astype(np.intp) - d - 1, 0), lines[run]], 0.25)
+        hidden = ~keep & (band >= level)  # as bright as the band elsewhere: it hides a limb running into it
+        depth_at = np.where(keep, q, np.where(hidden, line, -margin - 1))
+        out[lines] = np.maximum(out[lines], depth_at + margin + 1)
     return out
 
 
