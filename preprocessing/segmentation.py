@@ -28,10 +28,13 @@ box-downsampled working copy (long side ``work_size``, default 256), Gaussian-sm
 4. **Body** = hysteresis on the contrast to that surface: low ``max(4 sigma, 0.012) + 0.005``, high
    ``max(8 sigma, 0.08)`` (``sigma``: the background's spread about the surface): soft tissue to the
    skin line, thin fingers included.
-5. Opening, components (flat components along the frame/carrier border are bands; others >=
+5. The **shutter band of one exposure** of a double exposure (:func:`_side_bands`): bright from the
+   frame to a straight falling step, from a frame corner along >= 25 % of the side (often to the
+   divider), joined to the limb running into it; left out of the body up to its edge + 2 px.
+6. Opening, components (flat components along the frame/carrier border are bands; others >=
    ``keep_fraction`` of the largest are kept: two limbs), then holes filled unless they are at
    background level (air enclosed by a hand making a ring, or between fixator bars, stays out).
-6. Pixels outside a detected carrier (:mod:`preprocessing.carrier`), minus 2 working px of its border
+7. Pixels outside a detected carrier (:mod:`preprocessing.carrier`), minus 2 working px of its border
    blur, are background.
 
 The body part includes soft tissue, casts and implants; burned-in markers and labels apart from the
@@ -66,6 +69,7 @@ from skimage import filters
 
 from preprocessing.carrier import (
     CarrierResult,
+    _robust_line,
     detect_carrier,
     finite,
     local_range,
@@ -285,6 +289,110 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
             cols = _sheared_columns((h, w), shear)
             out |= _scatter(sel[None, :] & (cols >= 0) & (cols < w), np.clip(cols, 0, w - 1), (h, w))
     return out & valid
+
+
+def _steepest_falls(p: np.ndarray, lo: np.ndarray | int, hi: np.ndarray | int, d: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per column of ``p`` (rows: distance from the frame) the steepest falling step ``p[i - d] - p[i + d]``
+    with ``lo <= i <= hi`` (per column or scalars; ``d <= lo``, ``hi <= len(p) - d - 1``).
+
+    Returns:
+        ``(i, position, size, lead)``: its row, its sub-pixel position (the vertex of a parabola through
+        the step sizes at ``i - 1 .. i + 1``), its size, and the band's brightness lead (the least of
+        ``p[1 : i - d]``, the frame's own edge pixel left out, minus the step's foot ``p[i + d]``).
+    """
+    drop = p[: -2 * d] - p[2 * d:]  # row k: the step at i = k + d
+    rows = np.arange(d, d + drop.shape[0])[:, None]
+    k = np.argmax(np.where((rows >= lo) & (rows <= hi), drop, -np.inf), axis=0)
+    at = np.arange(p.shape[1])
+    left, mid, right = drop[np.maximum(k - 1, 0), at], drop[k, at], drop[np.minimum(k + 1, len(drop) - 1), at]
+    curve = left - 2.0 * mid + right
+    shift = np.clip(0.5 * (left - right) / np.where(curve < 0, curve, -np.inf), -0.5, 0.5)
+    i = k + d
+    top = np.minimum.accumulate(p[1:], axis=0)[np.maximum(i - d - 1, 0), at]
+    return i, i + shift, mid, top - p[i + d, at]
+
+
+def _side_band_rows(a: np.ndarray, ok: np.ndarray, min_step: float = 0.3, d: int = 2, min_depth: float = 6.0,
+                    max_depth: float = 0.25, min_run: float = 0.25, max_gap: float = 0.3, corner: float = 0.03,
+                    tol: float = 2.5, min_inliers: float = 0.8, max_tilt: float = 0.08, margin: int = 2,
+                    slack: int = 6) -> np.ndarray:
+    """Depth of a shutter band along the side ``a[0]`` of ``a`` (rows: distance from that side, columns:
+    lines perpendicular to it), per line: ``(n,)`` int, 0 where there is none (see :func:`_side_bands`).
+
+    Per line the band is bright from the frame to the line's steepest falling step (:func:`_steepest_falls`),
+    a step >= ``min_step`` lying ``min_depth`` px to ``max_depth`` of the depth from the frame with the band
+    >= ``min_step`` above its foot. A band starts at a frame corner (a step within ``corner`` of the side's
+    end) and its steps lie on a straight line: fitted robustly to the steps in the first ``min_run`` of
+    the side (>= ``min_inliers`` of them within ``tol`` px of it; its slope limited to ``max_tilt``), then
+    followed along the side while steps lie on it, gaps of <= ``max_gap`` of the side bridged (a limb next
+    to the band, the divider; the other exposure's band lies elsewhere), >= ``min_run`` of the side in all,
+    refitted (slope <= ``max_tilt``); its median step lies >= ``min_depth`` px from the frame (each step's
+    foot, ``d`` px further, at least). On each line of the run the band is cleared to its steepest step
+    within ``slack`` px of the line (next to a limb the step is lower and blurred), >= ``min_step / 2``
+    with the band as far above its foot, and ``margin`` px beyond (the penumbra); a line without one is
+    cleared to the line where the band is as bright there as on a quarter of its steps at least (it hides
+    the bone of a limb running into it), else left alone.
+    """
+    depth, n = a.shape
+    reach = max(int(min_depth) + 1, int(max_depth * depth))
+    if reach + d >= depth or n < 16:
+        return np.zeros(n, dtype=np.intp)
+    p = a[: reach + d + 1]
+    at = np.arange(n)
+    i, pos, size, lead = _steepest_falls(p, d, reach, d)
+    found = (size >= min_step) & (lead >= min_step) & (i + d >= min_depth) & ok[i, at]  # its foot off the frame
+    low = np.minimum.accumulate(p[1:], axis=0)  # row r: the least of p[1 : r + 2]
+    out = np.zeros(n, dtype=np.intp)
+    seed_n, gap = int(min_run * n), max(1, int(max_gap * n))
+    for flip in (False, True):  # from either end of the side (a frame corner)
+        f, y = (found[::-1], pos[::-1]) if flip else (found, pos)
+        seed = np.flatnonzero(f[:seed_n])
+        if seed.size < 8 or seed[0] > corner * n:
+            continue
+        c0, slope = _robust_line(seed.astype(np.float64), y[seed])
+        if abs(slope) > max_tilt:  # a short seed: its slope is uncertain
+            slope = float(np.clip(slope, -max_tilt, max_tilt))
+            c0 = float(np.median(y[seed] - slope * seed))
+        if np.mean(np.abs(y[seed] - (c0 + slope * seed)) <= tol) < min_inliers:
+            continue
+        idx = np.flatnonzero(f & (np.abs(y - (c0 + slope * at)) <= tol))  # steps on the line
+        breaks = np.flatnonzero(np.diff(idx) > gap)
+        run = idx[: breaks[0] + 1] if breaks.size else idx
+        c0, slope = _robust_line(run.astype(np.float64), y[run])
+        end = int(run[-1]) + 1
+        if end < min_run * n or abs(slope) > max_tilt or _upper_median(y[run], 0) < min_depth:
+            continue
+        line = np.rint(c0 + slope * at[:end]).astype(np.intp)
+        lines = at[n - end:][::-1] if flip else at[:end]  # the run's lines in the original order
+        q, _, s, le = _steepest_falls(p[:, lines], np.clip(line - slack, d, reach), np.clip(line + slack, d, reach), d)
+        keep = (s >= 0.5 * min_step) & (le >= 0.5 * min_step)
+        line = np.clip(line, d, reach)
+        band = low[np.maximum(line - d - 1, 0), lines]  # the band's least brightness from the frame to the line
+        level = np.quantile(low[np.maximum(y[run].astype(np.intp) - d - 1, 0), lines[run]], 0.25)
+        hidden = ~keep & (band >= level)  # as bright as the band elsewhere: it hides a limb running into it
+        depth_at = np.where(keep, q, np.where(hidden, line, -margin - 1))
+        out[lines] = np.maximum(out[lines], depth_at + margin + 1)
+    return out
+
+
+def _side_bands(g: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Shutter bands of one exposure along the frame: (h, w) bool.
+
+    In a double exposure one exposure's collimator may leave a bright flat band along a side of the frame
+    over that exposure only (from a frame corner to the divider), too short for an unexposed band of the
+    frame (:func:`_flat_bright`, :func:`_band_lines`) and joined to the limb next to it. Per side the band
+    runs from the frame to a straight falling step (:func:`_side_band_rows`).
+    """
+    h, w = g.shape
+    out = np.zeros((h, w), dtype=bool)
+    sides = ((g, valid, lambda m: m), (g[::-1], valid[::-1], lambda m: m[::-1]),
+             (g.T, valid.T, lambda m: m.T), (g.T[::-1], valid.T[::-1], lambda m: m[::-1].T))
+    for a, ok, back in sides:
+        rows = _side_band_rows(a, ok)
+        if rows.any():
+            out |= back(np.arange(a.shape[0])[:, None] < rows[None, :])
+    return out
 
 
 def _scatter(sel: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -662,6 +770,7 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, openin
         reason = "the image is constant"
         raise _no_body(reason)
     t = float(filters.threshold_yen(vals))
+    region = valid  # the carrier's interior (before the bands are left out)
     bands = _flat_bright(g, valid, t, 0.01 * g.size, grow=6)  # unexposed bands: not part of the image
     peaks = _dark_peaks(vals)
     if peaks:  # straight non-field bands: dividers of double exposures, strips along the frame (ceiling
@@ -682,6 +791,9 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, openin
         contrast = np.where(field, c, contrast)
     if cuts.any():  # a cut through the body (a limb crossing a step edge) is closed again
         mask |= cuts & _shrink(_grow(mask, 1), 1)
+    side = _side_bands(g, region)  # the shutter band of one exposure of a double exposure
+    if side.any():
+        mask &= ~side
     if opening_radius > 0:
         opened = _opening(mask, opening_radius)
         mask = opened if opened.any() else mask
