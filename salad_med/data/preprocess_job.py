@@ -334,12 +334,74 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     """``forkserver`` (pre-loading the pipeline modules once) on Linux, else ``spawn``."""
     if sys.platform.startswith("linux"):
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["preprocessing.pipelines", "salad_med.data.preprocess_job"])
+        ctx.set_forkserver_preload(["preprocessing.pipelines", "preprocessing.carrier", "preprocessing.segmentation",
+                                   "salad_med.data.preprocess_job"])
         return ctx
     return multiprocessing.get_context("spawn")
 
 
-def _run_tasks(tasks: list[tuple[str, str, str, str]], workers: int, init_args: tuple) -> Iterator[dict[str, Any]]:
+#: Inputs in flight per worker: enough to keep a worker busy between results, few enough that a worker's death
+#: implicates only a handful of inputs.
+_IN_FLIGHT_PER_WORKER = 2
+#: Reason recorded for an input whose worker process died while preprocessing it, on its own.
+WORKER_DIED = ("the worker process died while preprocessing this input on its own (killed by the OS, "
+               "e.g. out of memory, or a crash in a decoder)")
+
+
+def _worker_ready() -> str:
+    """Run in a fresh worker: ``""`` when its pipeline was built, else why not."""
+    return _WORKER.get("init_error", "")
+
+
+def _init_worker_safe(*init_args: Any) -> None:
+    """:func:`_init_worker` whose failure is reported by :func:`_worker_ready` instead of killing the worker
+    (a process pool would start a replacement that fails the same way, forever)."""
+    try:
+        _init_worker(*init_args)
+    except Exception as err:  # noqa: BLE001 - reported to the parent in words, raised there
+        _WORKER["init_error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+
+
+def _start_pool(workers: int, init_args: tuple) -> Any:
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker_safe, initargs=init_args)
+    try:
+        error = pool.submit(_worker_ready).result()
+    except BaseException:
+        pool.shutdown(cancel_futures=True)
+        raise
+    if error:
+        pool.shutdown(cancel_futures=True)
+        msg = f"preprocess: the worker processes could not build the pipeline: {error}"
+        raise RuntimeError(msg)
+    return pool
+
+
+def _submit(pool: Any, work: Any, queue: list, running: dict) -> bool:
+    """Send the last task of ``queue`` to ``pool`` (recorded in ``running``); ``False`` if the pool is broken
+    (the task goes back to ``queue``: it was never sent)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    task = queue.pop()
+    try:
+        running[pool.submit(work, task)] = task
+    except BrokenProcessPool:
+        queue.append(task)
+        return False
+    return True
+
+
+def _run_tasks(tasks: list[tuple[str, str, str, str]], workers: int, init_args: tuple,
+               work: Any = None) -> Iterator[dict[str, Any]]:
+    """Yield one row per task, in completion order (``work`` = the per-task function, :func:`_work`).
+
+    With ``workers > 1`` the tasks run in a process pool, a few in flight per worker. A worker that dies
+    (the OS kills it for memory, a decoder crashes) must neither hang the run nor lose it: the pool is
+    replaced, the inputs that were in flight are retried one at a time, and an input that kills a worker
+    on its own comes back as a failed row (:data:`WORKER_DIED`); every other input is preprocessed.
+    """
+    work = work or _work
     if workers <= 1 or len(tasks) <= 1:
         import torch
         from threadpoolctl import threadpool_limits
@@ -349,13 +411,49 @@ def _run_tasks(tasks: list[tuple[str, str, str, str]], workers: int, init_args: 
             with threadpool_limits(1):  # restores this process's BLAS/OpenMP threads afterwards
                 _init_worker(*init_args)
                 for task in tasks:
-                    yield _work(task)
+                    yield work(task)
         finally:
             torch.set_num_threads(threads)
         return
-    chunk = max(1, min(8, len(tasks) // (4 * workers)))
-    with _pool_context().Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-        yield from pool.imap_unordered(_work, tasks, chunksize=chunk)
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    todo = list(reversed(tasks))  # popped from the end: input order
+    suspects: list[tuple[str, str, str, str]] = []  # in flight when a worker died: retried alone
+    pool = _start_pool(workers, init_args)
+    try:
+        while todo or suspects:
+            alone = bool(suspects)
+            running: dict[Any, tuple[str, str, str, str]] = {}
+            broken = not _submit(pool, work, suspects if alone else todo, running)
+            while not alone and not broken and todo and len(running) < workers * _IN_FLIGHT_PER_WORKER:
+                broken = not _submit(pool, work, todo, running)
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    task = running.pop(future)
+                    try:
+                        row = future.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        if alone:  # it died with nothing else in flight: this input killed it
+                            log.warning("%s: %s", task[0], WORKER_DIED)
+                            yield {"image_id": task[0], "status": "failed", "reason": WORKER_DIED,
+                                   "output_path": "", "mask_path": ""}
+                        else:
+                            suspects.append(task)
+                        continue
+                    yield row
+                    if not broken and not alone and todo:
+                        broken = not _submit(pool, work, todo, running)
+            if broken:
+                pool.shutdown(cancel_futures=True)
+                if suspects:
+                    log.warning("a preprocessing worker died; retrying the %d input(s) it may have been working on "
+                                "one at a time", len(suspects))
+                pool = _start_pool(workers, init_args)
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------- journal
