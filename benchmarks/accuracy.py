@@ -22,7 +22,9 @@ an ablation row); SALAD without a preset is the paper's recipe (pinned over ``co
 ``rd``, whose SimCLR teacher is pre-trained inline once per data set with the same epoch budget);
 ``name@preset`` trains ``name`` with ``configs/<preset>.yaml`` layered on the budget (e.g.
 ``salad@salad_cpu``). An extra ``key=@name`` takes the run folder of method ``name`` on the same data set and
-seed (trained first if missing): ``salad+model.init_from=@simclr`` starts SALAD from that SimCLR encoder.
+seed (trained first if missing): ``salad+model.init_from=@simclr`` starts SALAD from that SimCLR encoder;
+``&`` gives the referenced run its own extras (``salad+model.init_from=@simclr&train.rounds=13`` starts it from a
+SimCLR run trained longer).
 The SALAD variants train on the split with its known anomalies (the paper's AR); every
 other method trains on the same split without them (AR 0, as the paper's Table 1 MemDAE and DAE). Budget:
 conv6, base 16 channels, batch 16, lr 1e-4, 10 + 4 x 5 epochs (30 epochs for every network; the classic
@@ -155,7 +157,7 @@ def run_one(dataset: str, entry: str, seed: int, work: Path, splits: tuple[Path,
 
     name, *extra = entry.split("+")  # method[@preset][+key=value...]: extra overrides (ablation rows)
     method, _, preset = name.partition("@")
-    run_dir = work / "runs" / dataset / entry.replace("@", "_at_").replace("+", "_with_").replace("=", "-") / f"seed{seed}"
+    run_dir = work / "runs" / dataset / entry.replace("@", "_at_").replace("+", "_with_").replace("=", "-").replace("&", "_and_") / f"seed{seed}"
     cached, where = run_dir / "result.json", {"run_dir": str(run_dir.relative_to(work))}
     if cached.is_file():
         return {**json.loads(cached.read_text()), **where}
@@ -165,8 +167,8 @@ def run_one(dataset: str, entry: str, seed: int, work: Path, splits: tuple[Path,
     # e.g. ``salad+model.init_from=@simclr`` starts SALAD from the SimCLR run's encoder
     for i, kv in enumerate(extra):
         key, _, value = kv.partition("=")
-        if value.startswith("@"):
-            source = run_one(dataset, value[1:], seed, work, splits, n_boot)
+        if value.startswith("@"):  # "@simclr&train.rounds=13": the referenced run with its own extras
+            source = run_one(dataset, value[1:].replace("&", "+"), seed, work, splits, n_boot)
             extra[i] = f"{key}={(work / source['run_dir']).resolve()}"
     split = splits[0] if method in AR_METHODS else splits[1]
     per_method = METHOD_BUDGET.get(method, lambda size: [])(spec["size"])
