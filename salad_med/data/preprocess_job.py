@@ -297,6 +297,9 @@ def _work(task: tuple[str, str, str, str]) -> dict[str, Any]:
     image_id, source, out_img, out_mask = task
     row: dict[str, Any] = {"image_id": image_id}
     try:
+        if "pipeline" not in _WORKER:  # this worker's _init_worker_safe failed (reported by _worker_ready)
+            msg = f"the worker could not build the pipeline: {_WORKER.get('init_error', '?')}"
+            raise RuntimeError(msg)
         try:
             result = _WORKER["pipeline"]({"image": source})
         except Exception as err:  # noqa: BLE001 - MONAI wraps transform errors; report the original
