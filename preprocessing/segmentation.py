@@ -195,12 +195,14 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
     strip over part of the length). From a core the
     band is extended line by line while the line lies above the background ``ceiling`` and is uniform
     (penumbra, the edge strip of an exposure; up to 5 non-uniform lines in a row are crossed: the
-    blurred step between two strips); a core counts only when the extensions on both sides end at
-    background level (fields on both sides; one side suffices for an unexposed white core, median >=
-    0.9, when a limb touches the other) and add >= ``min_strip`` lines of strips (a nail, a cortex or a
-    cast is bordered by anatomy or lies on background directly, a cast is greyer; a fixator bar has no
-    strips). From a frame side, a run
-    of such lines is a strip when it ends at background level within ``max_width`` of the side.
+    blurred step between two strips), or uniform apart from unexposed white (``>= bright_level``) on
+    <= half of it: a wedge-shaped core, narrowing to a point along the divider, crosses the strips next
+    to it (FracAtlas IMG0002181), as may a shutter band at their end; a core counts only when the
+    extensions on both sides end at background level (fields on both sides; one side suffices for an
+    unexposed white core, median >= 0.9, when a limb touches the other) and add >= ``min_strip`` lines
+    of strips (a nail, a cortex or a cast is bordered by anatomy or lies on background directly, a cast
+    is greyer; a fixator bar has no strips). From a frame side, a run of such (plainly uniform) lines is
+    a strip when it ends at background level within ``max_width`` of the side.
     """
     h, w = g.shape
     step, flat_all, inside_all = _line_flat(h, w)  # (S, W, R): every tilted line's samples, contiguous
@@ -225,7 +227,8 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
     reaches = np.zeros((n_s, w), dtype=bool)
     med = np.partition(np.where(ok, v, -1.0), k, axis=2)[:, :, k]  # invalid samples sort first (few)
     meds[:, sel] = med
-    uni[:, sel] = (ok & (np.abs(v - med[:, :, None]) <= tol)).sum(axis=2) / n_ok
+    near = ok & (np.abs(v - med[:, :, None]) <= tol)  # samples within tol of the line's median
+    uni[:, sel] = near.sum(axis=2) / n_ok
     spans[:, sel] = ok.sum(axis=2) / float(n_rows)
     end = max(2, n_rows // 16)  # a band runs from frame to frame: no background at either end
     reaches[:, sel] = (v[:, :, :end].mean(axis=2) > ceiling) & (v[:, :, -end:].mean(axis=2) > ceiling)
@@ -244,14 +247,25 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
     brights[:, sel] = np.where(agree, n_lit / n_ok, 0.0)  # a cast or a bone varies along its length
     best = np.argmax(uni - 0.01 * np.abs(np.asarray(_SHEARS))[:, None], axis=0)  # ties: the least tilt
     at = np.arange(w)
-    uniform, med, span = uni[best, at], meds[best, at], spans[best, at]
+    uniform_all, med_all, span_all = uni[best, at], meds[best, at], spans[best, at]
     core_k = np.argmax(brights, axis=0)
     core = (brights[core_k, at] >= min_bright) & (spans[core_k, at] >= min_span) & reaches[core_k, at]
     shear_of = np.where(core, core_k, best)
+    best_dim, by_core = best, (uniform_all, med_all, span_all)
+    if core.any():  # for the extension from a core: uniform apart from unexposed white crossing the line
+        # (a divider's core widening along its length, a shutter band at its end: the strips next to a
+        # wedge-shaped core), on <= half of the line
+        n_dim = n_ok - n_lit
+        uni_dim = uni.copy()
+        uni_dim[:, sel] = np.maximum(uni[:, sel], np.where(
+            n_dim >= 0.5 * n_ok, (near & ~lit).sum(axis=2) / np.maximum(n_dim, 1), 0.0))
+        best_dim = np.argmax(uni_dim - 0.01 * np.abs(np.asarray(_SHEARS))[:, None], axis=0)
+        by_core = (uni_dim[best_dim, at], meds[best_dim, at], spans[best_dim, at])
 
-    def extend(x: int, step: int, band: np.ndarray, gap: int = 5) -> bool:
+    def extend(x: int, step: int, band: np.ndarray, gap: int = 5, lines: tuple | None = None) -> bool:
         """Mark lines from ``x`` outwards; True when the run ends at background level (when it ends in
         anatomy instead, its trailing non-uniform lines are left out)."""
+        uniform, med, span = lines if lines is not None else (uniform_all, med_all, span_all)
         seen: list[int] = []
         miss = 0
         while 0 <= x < w and len(seen) < max_d and med[x] > ceiling and span[x] >= min_span:
@@ -267,6 +281,7 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
         return ended
 
     band = np.zeros(w, dtype=bool)
+    band_core = np.zeros(w, dtype=bool)
     lab, n = ndi.label(core)
     for i in range(1, n + 1):
         idx = np.flatnonzero(lab == i)
@@ -274,18 +289,20 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
             continue
         part = np.zeros(w, dtype=bool)
         part[idx] = True
-        left = extend(idx[0] - 1, -1, part)
-        right = extend(idx[-1] + 1, 1, part)
+        left = extend(idx[0] - 1, -1, part, lines=by_core)
+        right = extend(idx[-1] + 1, 1, part, lines=by_core)
         if float(ends_level[core_k[idx], idx].min()) <= ceiling:
             continue  # the core comes down to background at an end of the field: a bone, not a divider
         white = float(np.median(meds[core_k[idx], idx])) >= 0.9  # unexposed white, not a cast (~0.8)
         if (left and right or white and (left or right)) and part.sum() - idx.size >= min_strip:
-            band |= part  # fields on both sides (on one side when white: a limb may touch the other)
+            band_core |= part  # fields on both sides (on one side when white: a limb may touch the other)
     for start, step in ((0, 1), (w - 1, -1)):  # strips along the frame sides
         part = np.zeros(w, dtype=bool)
         if extend(start, step, part) and part.sum() >= 2:
             band |= part
     out = np.zeros((h, w), dtype=bool)
+    shear_of = np.where(band_core & ~core, best_dim, shear_of)
+    band |= band_core
     for k, shear in enumerate(_SHEARS):
         sel = band & (shear_of == k)
         if sel.any():
