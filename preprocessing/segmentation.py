@@ -474,7 +474,9 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
         ``{"step", "cc", "inside", "reach", "first", "last", "length", "head", "tail"}``: ``(3, S, W)``
         arrays for the kinds (rising, falling, ridge); ``head``/``tail``: the frame or the valid region's
         border within ``reach`` of the line before / after the run (a dark frame edge or a thin band
-        along the frame apart).
+        along the frame apart), for a ridge also a line above the background (``> ceiling``) from the
+        run's end to the frame (a divider running into a bright band along the frame whose edge is no
+        straight step: limbs run into it, FracAtlas IMG0002598).
     """
     h, w = g.shape
     step, cc, inside = _line_samples(h, w)  # (S, R, W)
@@ -514,7 +516,7 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     out: dict[str, Any] = {"step": step, "cc": cc, "flat": flat, "inside": inside, "reach": reach}
     res = {k: [] for k in ("first", "last", "length", "head", "tail")}
     need = int(_MIN_RUN * min_cover * n_rows)  # the shortest run kept shows the edge on this many samples
-    for b in kinds:
+    for kind, b in enumerate(kinds):
         first, last, length = (np.zeros((cc.shape[0], w), dtype=np.intp) for _ in range(3))
         head, tail = np.zeros((cc.shape[0], w), dtype=bool), np.zeros((cc.shape[0], w), dtype=bool)
         cols = np.flatnonzero((b.sum(axis=1) >= need).any(axis=0))  # only lines that can hold a run
@@ -537,6 +539,10 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
             okc_c = okc[:, :, cols]
             head[:, cols] = (f < reach) | (_window_count(okc_c, f - reach, f) < reach)
             tail[:, cols] = (e >= n_rows - reach) | (_window_count(okc_c, e + 1, e + 1 + reach) < reach)
+            if kind == 2 and ceiling is not None:  # a divider may run into a bright band along the frame:
+                dark_c = _cumsum0(inside[:, :, cols] & (centre[:, :, cols] <= ceiling))  # above background
+                head[:, cols] |= _window_count(dark_c, np.zeros_like(f), f) == 0  # from its end to the frame
+                tail[:, cols] |= _window_count(dark_c, e + 1, np.full_like(e, n_rows)) == 0
         for key, value in zip(res, (first, last, length, head, tail), strict=True):
             res[key].append(value)
     out.update({k: np.stack(v) for k, v in res.items()})
