@@ -24,7 +24,9 @@ box-downsampled working copy (long side ``work_size``, default 256), Gaussian-sm
    such as lungs does not), then a smooth surface fitted to it (a quadratic trend for the heel effect
    plus a normalised convolution for local variation) and re-selected three times, so the background
    follows its gradient. A field whose "background" is as textured as anatomy has none: the body fills
-   it (an infant filling the frame, a chest).
+   it (an infant filling the frame, a chest). Where the background brightens steeply towards a side
+   (scatter, heel effect) the surface misses it: a *border glow* (:func:`_border_glow`), flat along the
+   side and fading to the surface, is added to it.
 4. **Body** = hysteresis on the contrast to that surface: low ``max(4 sigma, 0.012) + 0.005``, high
    ``max(8 sigma, 0.08)`` (``sigma``: the background's spread about the surface): soft tissue to the
    skin line, thin fingers included.
@@ -69,6 +71,7 @@ from skimage import filters
 
 from preprocessing.carrier import (
     CarrierResult,
+    _masked_median,
     _robust_line,
     detect_carrier,
     finite,
@@ -192,12 +195,14 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
     strip over part of the length). From a core the
     band is extended line by line while the line lies above the background ``ceiling`` and is uniform
     (penumbra, the edge strip of an exposure; up to 5 non-uniform lines in a row are crossed: the
-    blurred step between two strips); a core counts only when the extensions on both sides end at
-    background level (fields on both sides; one side suffices for an unexposed white core, median >=
-    0.9, when a limb touches the other) and add >= ``min_strip`` lines of strips (a nail, a cortex or a
-    cast is bordered by anatomy or lies on background directly, a cast is greyer; a fixator bar has no
-    strips). From a frame side, a run
-    of such lines is a strip when it ends at background level within ``max_width`` of the side.
+    blurred step between two strips), or uniform apart from unexposed white (``>= bright_level``) on
+    <= half of it: a wedge-shaped core, narrowing to a point along the divider, crosses the strips next
+    to it (FracAtlas IMG0002181), as may a shutter band at their end; a core counts only when the
+    extensions on both sides end at background level (fields on both sides; one side suffices for an
+    unexposed white core, median >= 0.9, when a limb touches the other) and add >= ``min_strip`` lines
+    of strips (a nail, a cortex or a cast is bordered by anatomy or lies on background directly, a cast
+    is greyer; a fixator bar has no strips). From a frame side, a run of such (plainly uniform) lines is
+    a strip when it ends at background level within ``max_width`` of the side.
     """
     h, w = g.shape
     step, flat_all, inside_all = _line_flat(h, w)  # (S, W, R): every tilted line's samples, contiguous
@@ -222,7 +227,8 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
     reaches = np.zeros((n_s, w), dtype=bool)
     med = np.partition(np.where(ok, v, -1.0), k, axis=2)[:, :, k]  # invalid samples sort first (few)
     meds[:, sel] = med
-    uni[:, sel] = (ok & (np.abs(v - med[:, :, None]) <= tol)).sum(axis=2) / n_ok
+    near = ok & (np.abs(v - med[:, :, None]) <= tol)  # samples within tol of the line's median
+    uni[:, sel] = near.sum(axis=2) / n_ok
     spans[:, sel] = ok.sum(axis=2) / float(n_rows)
     end = max(2, n_rows // 16)  # a band runs from frame to frame: no background at either end
     reaches[:, sel] = (v[:, :, :end].mean(axis=2) > ceiling) & (v[:, :, -end:].mean(axis=2) > ceiling)
@@ -241,14 +247,25 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
     brights[:, sel] = np.where(agree, n_lit / n_ok, 0.0)  # a cast or a bone varies along its length
     best = np.argmax(uni - 0.01 * np.abs(np.asarray(_SHEARS))[:, None], axis=0)  # ties: the least tilt
     at = np.arange(w)
-    uniform, med, span = uni[best, at], meds[best, at], spans[best, at]
+    uniform_all, med_all, span_all = uni[best, at], meds[best, at], spans[best, at]
     core_k = np.argmax(brights, axis=0)
     core = (brights[core_k, at] >= min_bright) & (spans[core_k, at] >= min_span) & reaches[core_k, at]
     shear_of = np.where(core, core_k, best)
+    best_dim, by_core = best, (uniform_all, med_all, span_all)
+    if core.any():  # for the extension from a core: uniform apart from unexposed white crossing the line
+        # (a divider's core widening along its length, a shutter band at its end: the strips next to a
+        # wedge-shaped core), on <= half of the line
+        n_dim = n_ok - n_lit
+        uni_dim = uni.copy()
+        uni_dim[:, sel] = np.maximum(uni[:, sel], np.where(
+            n_dim >= 0.5 * n_ok, (near & ~lit).sum(axis=2) / np.maximum(n_dim, 1), 0.0))
+        best_dim = np.argmax(uni_dim - 0.01 * np.abs(np.asarray(_SHEARS))[:, None], axis=0)
+        by_core = (uni_dim[best_dim, at], meds[best_dim, at], spans[best_dim, at])
 
-    def extend(x: int, step: int, band: np.ndarray, gap: int = 5) -> bool:
+    def extend(x: int, step: int, band: np.ndarray, gap: int = 5, lines: tuple | None = None) -> bool:
         """Mark lines from ``x`` outwards; True when the run ends at background level (when it ends in
         anatomy instead, its trailing non-uniform lines are left out)."""
+        uniform, med, span = lines if lines is not None else (uniform_all, med_all, span_all)
         seen: list[int] = []
         miss = 0
         while 0 <= x < w and len(seen) < max_d and med[x] > ceiling and span[x] >= min_span:
@@ -264,6 +281,7 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
         return ended
 
     band = np.zeros(w, dtype=bool)
+    band_core = np.zeros(w, dtype=bool)
     lab, n = ndi.label(core)
     for i in range(1, n + 1):
         idx = np.flatnonzero(lab == i)
@@ -271,18 +289,20 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
             continue
         part = np.zeros(w, dtype=bool)
         part[idx] = True
-        left = extend(idx[0] - 1, -1, part)
-        right = extend(idx[-1] + 1, 1, part)
+        left = extend(idx[0] - 1, -1, part, lines=by_core)
+        right = extend(idx[-1] + 1, 1, part, lines=by_core)
         if float(ends_level[core_k[idx], idx].min()) <= ceiling:
             continue  # the core comes down to background at an end of the field: a bone, not a divider
         white = float(np.median(meds[core_k[idx], idx])) >= 0.9  # unexposed white, not a cast (~0.8)
         if (left and right or white and (left or right)) and part.sum() - idx.size >= min_strip:
-            band |= part  # fields on both sides (on one side when white: a limb may touch the other)
+            band_core |= part  # fields on both sides (on one side when white: a limb may touch the other)
     for start, step in ((0, 1), (w - 1, -1)):  # strips along the frame sides
         part = np.zeros(w, dtype=bool)
         if extend(start, step, part) and part.sum() >= 2:
             band |= part
     out = np.zeros((h, w), dtype=bool)
+    shear_of = np.where(band_core & ~core, best_dim, shear_of)
+    band |= band_core
     for k, shear in enumerate(_SHEARS):
         sel = band & (shear_of == k)
         if sel.any():
@@ -384,15 +404,19 @@ def _side_bands(g: np.ndarray, valid: np.ndarray) -> np.ndarray:
     frame (:func:`_flat_bright`, :func:`_band_lines`) and joined to the limb next to it. Per side the band
     runs from the frame to a straight falling step (:func:`_side_band_rows`).
     """
-    h, w = g.shape
-    out = np.zeros((h, w), dtype=bool)
-    sides = ((g, valid, lambda m: m), (g[::-1], valid[::-1], lambda m: m[::-1]),
-             (g.T, valid.T, lambda m: m.T), (g.T[::-1], valid.T[::-1], lambda m: m[::-1].T))
-    for a, ok, back in sides:
+    out = np.zeros(g.shape, dtype=bool)
+    for a, ok, back in _sides(g, valid):
         rows = _side_band_rows(a, ok)
         if rows.any():
             out |= back(np.arange(a.shape[0])[:, None] < rows[None, :])
     return out
+
+
+def _sides(g: np.ndarray, valid: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, Any], ...]:
+    """Views of ``g`` and ``valid`` with each side of the frame first (top, bottom, left, right: row 0 is
+    that side) and the function mapping an array on such a view back to the image grid."""
+    return ((g, valid, lambda m: m), (g[::-1], valid[::-1], lambda m: m[::-1]),
+            (g.T, valid.T, lambda m: m.T), (g.T[::-1], valid.T[::-1], lambda m: m[::-1].T))
 
 
 def _scatter(sel: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -450,7 +474,9 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
         ``{"step", "cc", "inside", "reach", "first", "last", "length", "head", "tail"}``: ``(3, S, W)``
         arrays for the kinds (rising, falling, ridge); ``head``/``tail``: the frame or the valid region's
         border within ``reach`` of the line before / after the run (a dark frame edge or a thin band
-        along the frame apart).
+        along the frame apart), for a ridge also a line above the background (``> ceiling``) from the
+        run's end to the frame (a divider running into a bright band along the frame whose edge is no
+        straight step: limbs run into it, FracAtlas IMG0002598).
     """
     h, w = g.shape
     step, cc, inside = _line_samples(h, w)  # (S, R, W)
@@ -490,7 +516,7 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     out: dict[str, Any] = {"step": step, "cc": cc, "flat": flat, "inside": inside, "reach": reach}
     res = {k: [] for k in ("first", "last", "length", "head", "tail")}
     need = int(_MIN_RUN * min_cover * n_rows)  # the shortest run kept shows the edge on this many samples
-    for b in kinds:
+    for kind, b in enumerate(kinds):
         first, last, length = (np.zeros((cc.shape[0], w), dtype=np.intp) for _ in range(3))
         head, tail = np.zeros((cc.shape[0], w), dtype=bool), np.zeros((cc.shape[0], w), dtype=bool)
         cols = np.flatnonzero((b.sum(axis=1) >= need).any(axis=0))  # only lines that can hold a run
@@ -513,6 +539,10 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
             okc_c = okc[:, :, cols]
             head[:, cols] = (f < reach) | (_window_count(okc_c, f - reach, f) < reach)
             tail[:, cols] = (e >= n_rows - reach) | (_window_count(okc_c, e + 1, e + 1 + reach) < reach)
+            if kind == 2 and ceiling is not None:  # a divider may run into a bright band along the frame:
+                dark_c = _cumsum0(inside[:, :, cols] & (centre[:, :, cols] <= ceiling))  # above background
+                head[:, cols] |= _window_count(dark_c, np.zeros_like(f), f) == 0  # from its end to the frame
+                tail[:, cols] |= _window_count(dark_c, e + 1, np.full_like(e, n_rows)) == 0
         for key, value in zip(res, (first, last, length, head, tail), strict=True):
             res[key].append(value)
     out.update({k: np.stack(v) for k, v in res.items()})
@@ -747,8 +777,93 @@ def _segment_field(g: np.ndarray, field: np.ndarray, noise: float) -> tuple[np.n
     d = g - surface
     low = max(4.0 * sigma, 0.012) + 0.005
     high = max(8.0 * sigma, 0.08)
+    glow = _border_glow(np.where(field, d, 0.0), field, max(4.0 * sigma, 0.02), high)
+    if glow is not None:
+        d = d - glow
     mask = _hysteresis(np.where(field, d, -1.0), low, high)
     return mask, (d - low).astype(np.float32)
+
+
+def _border_glow(d: np.ndarray, field: np.ndarray, tol: float, body: float, max_depth: float = 0.3,
+                 floor: float = 0.005, min_share: float = 0.5, min_flat: float = 0.7) -> np.ndarray | None:
+    """Glow of the background along the field's border that its surface misses: (h, w) float, or ``None``.
+
+    Scatter or the heel effect can brighten the background steeply towards a side of the field (up to
+    ~0.3 above the rest over the last ~15 % of the side, NM_Kakadu44): the background surface
+    (:func:`_smooth_background`, fitted where the background lies near its dark level) does not follow,
+    and the glow becomes body. Per side, on the lines parallel to it at depth 0, 1, ... px from the
+    field's border, the residual ``d`` (contrast to the surface) is fitted by a straight level along the
+    side (robustly: the samples within ``tol`` of it are the background). The glow runs from the border
+    while each line is background-like, ``>= min_share`` of its samples within ``tol`` of the fit and
+    ``>= min_flat`` of those not clearly body (``<= fit + body``; a limb crossing the line is brighter),
+    down to the surface (fit ``<= floor``) within ``max_depth`` of the field; a side whose lines are not
+    flat before that (anatomy, a limb filling the side) has none, nor one whose line 1 px from the border
+    lies at the surface already (median ``<= floor``: most sides, checked first).
+
+    Args:
+        d: (h, w) contrast to the background surface, 0 outside ``field``.
+        field: (h, w) bool, the exposure field.
+        tol: the background's spread about the fit.
+        body: contrast of clear anatomy (the hysteresis' high threshold).
+
+    Returns:
+        (h, w) float32 glow (``>= 0``) to subtract from ``d``, or ``None`` when no side has any.
+    """
+    out = None
+    for a, ok, back in _sides(d, field):
+        n_rows, n = a.shape
+        cols = np.flatnonzero(ok.any(axis=0))
+        depth = int(max_depth * n_rows)
+        if cols.size < 16 or depth < 3:
+            continue
+        first = ok[:, cols].argmax(axis=0)
+        near = a[np.minimum(first + 1, n_rows - 1), cols][ok[np.minimum(first + 1, n_rows - 1), cols]]
+        if near.size == 0 or float(_upper_median(near, 0)) <= floor:  # at the surface next to the border
+            continue
+        t = ((cols - 0.5 * (cols[0] + cols[-1])) / n).astype(np.float32)  # position along the side
+        parts, end = [], 0
+        for d0 in range(0, depth, 16):  # 16 lines at a time: most sides end within the first ones
+            rows = first[None, :] + np.arange(d0, min(depth, d0 + 16))[:, None]  # (D, C): the lines
+            inside = rows < n_rows
+            rows = np.minimum(rows, n_rows - 1)
+            v, m = a[rows, cols], ok[rows, cols] & inside
+            fit = np.broadcast_to(_masked_median(v, m)[:, None], v.shape)
+            for _ in range(3):  # a level straight along the side, fitted to its background samples
+                fit = _line_batch(t, v, m & (np.abs(v - fit) <= tol))
+            inl = (m & (np.abs(v - fit) <= tol)).sum(axis=1)
+            n_ok = m.sum(axis=1)
+            flat = ((n_ok >= 0.5 * cols.size) & (inl >= min_share * np.maximum(n_ok, 1))
+                    & (inl >= min_flat * (m & (v <= fit + body)).sum(axis=1)))
+            level = (np.where(m, fit, 0.0).sum(axis=1) / np.maximum(n_ok, 1)).astype(np.float32)
+            parts.append((rows, m, fit))
+            k_flat = int(np.argmin(flat)) if not flat.all() else len(flat)  # background-like up to here
+            low = np.flatnonzero(level[:k_flat] <= floor)
+            if low.size:  # down to the surface within the run
+                end = d0 + int(low[0]) + 1
+                break
+            if k_flat < len(flat):  # not background-like before it reached the surface: no glow
+                break
+        if end < 3:  # no glow (at the surface within 2 lines), or not down to the surface within the run
+            continue
+        rows, m, fit = (np.concatenate(x)[:end] for x in zip(*parts, strict=True))
+        glow = np.zeros((n_rows, n), dtype=np.float32)
+        glow[rows[m], np.broadcast_to(cols, m.shape)[m]] = np.maximum(fit[m], 0.0)
+        out = back(glow) if out is None else np.maximum(out, back(glow))
+    return out
+
+
+def _line_batch(t: np.ndarray, v: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Per row of ``v (D, C)`` the least-squares line ``a + b t`` through its ``keep`` samples, evaluated at
+    ``t (C,)``: ``(D, C)`` (the row's mean where it has < 2 distinct samples; 0 where it has none)."""
+    w = keep.astype(np.float32)
+    n = np.maximum(w.sum(axis=1), 1.0)
+    tm = (w * t).sum(axis=1) / n
+    vm = (w * np.where(keep, v, 0.0)).sum(axis=1) / n
+    dt = np.where(keep, t - tm[:, None], 0.0)
+    var = (dt * dt).sum(axis=1)
+    cov = (dt * np.where(keep, v - vm[:, None], 0.0)).sum(axis=1)
+    b = np.where(var > 0, cov / np.where(var > 0, var, 1.0), 0.0)
+    return vm[:, None] + b[:, None] * (t[None, :] - tm[:, None])
 
 
 def _exposure_fields(valid: np.ndarray, min_fraction: float = 0.04) -> list[np.ndarray]:
