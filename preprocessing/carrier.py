@@ -425,7 +425,7 @@ def _fit_line(t: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return ym - b * tm, b
 
 
-def _robust_line(t: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+def robust_line(t: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Intercept and slope of ``y = a + b t`` by least squares with outliers (> 0.75 px) dropped."""
     keep = np.ones(t.size, dtype=bool)
     a, b = _fit_line(t, y)
@@ -452,7 +452,7 @@ def _robust_sigma(v: np.ndarray) -> float:
     return float(1.4826 * _median(np.abs(v - _median(v)))) if v.size else 0.0
 
 
-def _masked_median(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def masked_median(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Per row of ``x (L, T)`` the median (upper middle element, as :func:`_median`) of the ``mask``
     entries; NaN for a row without any."""
     srt = np.sort(np.where(mask, x, np.inf), axis=1)
@@ -462,7 +462,7 @@ def _masked_median(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _robust_line_batch(t: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_robust_line` for every row of ``(L, T)`` arrays at once (rows of ``mask`` are the points)."""
+    """:func:`robust_line` for every row of ``(L, T)`` arrays at once (rows of ``mask`` are the points)."""
 
     def fit(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         w = m.astype(np.float64)
@@ -479,7 +479,7 @@ def _robust_line_batch(t: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[
     active = np.ones(t.shape[0], dtype=bool)
     for _ in range(3):
         r = np.abs(y - (a[:, None] + b[:, None] * t))
-        limit = np.maximum(0.75, 2.5 * 1.4826 * _masked_median(r, keep))
+        limit = np.maximum(0.75, 2.5 * 1.4826 * masked_median(r, keep))
         new = mask & (r <= limit[:, None])
         stop = (new.sum(axis=1) < 8) | (new == keep).all(axis=1)
         active &= ~stop
@@ -694,7 +694,7 @@ class _Detector:
             diff = outer - inner
             big = valid & (np.abs(diff) >= p.min_contrast)
             n_big = big.sum(axis=1)
-            contrast = _masked_median(diff, big)
+            contrast = masked_median(diff, big)
             sign = np.where(contrast > 0, 1.0, -1.0)
             pos, step = _edge_positions_batch(prof, inner, outer, sign, self.offsets)
             good = valid & (sign[:, None] * diff > 0.5 * np.abs(contrast)[:, None]) & (np.abs(pos) <= 2.5)
@@ -704,19 +704,19 @@ class _Detector:
             reject[n_big < 8] = "no contrast"
             reject[(reject == "") & (n_good < np.maximum(8, 0.6 * p.min_length * along))] = "no step edge"
             if it == 0:  # cheap screen: the exterior band must be uniform along enough of the line
-                med_out = _masked_median(outer, good)
+                med_out = masked_median(outer, good)
                 uniform = good & (np.abs(outer - med_out[:, None])
                                   <= np.maximum(0.03, 0.25 * np.abs(contrast))[:, None])
                 reject[(reject == "") & (uniform.sum(axis=1) < 0.6 * p.min_length * along)] = "exterior band not uniform"
             keep_meas = reject == ""
             if it < 2:
                 band_tol = np.maximum(0.03, 0.25 * np.abs(contrast))[:, None]
-                typical = good & (np.abs(inner - _masked_median(inner, good)[:, None]) <= band_tol) \
-                    & (np.abs(outer - _masked_median(outer, good)[:, None]) <= band_tol)
+                typical = good & (np.abs(inner - masked_median(inner, good)[:, None]) <= band_tol) \
+                    & (np.abs(outer - masked_median(outer, good)[:, None]) <= band_tol)
                 fit = np.where((typical.sum(axis=1) >= 8)[:, None], typical, good)
                 t = np.einsum("ltj,lj->lt", pts_l - pts_l[:, :1], d_l)
                 a, b = _robust_line_batch(t, pos, fit)
-                spread = 1.4826 * _masked_median(np.abs(pos - a[:, None] - b[:, None] * t), fit)
+                spread = 1.4826 * masked_median(np.abs(pos - a[:, None] - b[:, None] * t), fit)
                 curved = keep_meas & (spread > 2.0 * p.max_residual)
                 for j in np.flatnonzero(curved):
                     reject[j] = f"not a straight border (spread {spread[j]:.2f} px)"

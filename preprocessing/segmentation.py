@@ -71,13 +71,13 @@ from skimage import filters
 
 from preprocessing.carrier import (
     CarrierResult,
-    _masked_median,
-    _robust_line,
     detect_carrier,
     finite,
     local_range,
+    masked_median,
     plane_2d,
     polygon_mask,
+    robust_line,
     single_channel,
     work_copy,
 )
@@ -370,7 +370,7 @@ def _side_band_rows(a: np.ndarray, ok: np.ndarray, min_step: float = 0.3, d: int
         seed = np.flatnonzero(f[:seed_n])
         if seed.size < 8 or seed[0] > corner * n:
             continue
-        c0, slope = _robust_line(seed.astype(np.float64), y[seed])
+        c0, slope = robust_line(seed.astype(np.float64), y[seed])
         if abs(slope) > max_tilt:  # a short seed: its slope is uncertain
             slope = float(np.clip(slope, -max_tilt, max_tilt))
             c0 = float(np.median(y[seed] - slope * seed))
@@ -379,7 +379,7 @@ def _side_band_rows(a: np.ndarray, ok: np.ndarray, min_step: float = 0.3, d: int
         idx = np.flatnonzero(f & (np.abs(y - (c0 + slope * at)) <= tol))  # steps on the line
         breaks = np.flatnonzero(np.diff(idx) > gap)
         run = idx[: breaks[0] + 1] if breaks.size else idx
-        c0, slope = _robust_line(run.astype(np.float64), y[run])
+        c0, slope = robust_line(run.astype(np.float64), y[run])
         end = int(run[-1]) + 1
         if end < min_run * n or abs(slope) > max_tilt or _upper_median(y[run], 0) < min_depth:
             continue
@@ -827,7 +827,7 @@ def _border_glow(d: np.ndarray, field: np.ndarray, tol: float, body: float, max_
             inside = rows < n_rows
             rows = np.minimum(rows, n_rows - 1)
             v, m = a[rows, cols], ok[rows, cols] & inside
-            fit = np.broadcast_to(_masked_median(v, m)[:, None], v.shape)
+            fit = np.broadcast_to(masked_median(v, m)[:, None], v.shape)
             for _ in range(3):  # a level straight along the side, fitted to its background samples
                 fit = _line_batch(t, v, m & (np.abs(v - fit) <= tol))
             inl = (m & (np.abs(v - fit) <= tol)).sum(axis=1)

@@ -714,7 +714,13 @@ def test_node_bad_objects(node, tmp_path):
 def test_node_refuses_wrong_ae_titles(case, calling, called, reason, node):
     assoc = _associate(node.port, calling=calling, called=called)
     assert not assoc.is_established and assoc.is_rejected
-    events = [e for e in _events(node) if e["event"] == "association_rejected"]
+    # pynetdicom fires EVT_REJECTED after the A-ASSOCIATE-RJ is sent: the peer can see the rejection before
+    # the node's handler has audited it (a fresh clone under load read an empty log), so wait for the record
+    deadline = time.monotonic() + 30
+    while not (events := [e for e in _events(node) if e["event"] == "association_rejected"]):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(events) == 1 and reason in events[0]["reason"]
     assert events[0]["calling_ae"] == calling and events[0]["called_ae"] == called
     assert not list(node.dirs["incoming"].iterdir()) and len(node.results()) == 0
