@@ -109,8 +109,10 @@ def _pool_start(workers: int, size: int, options: dict) -> float:
 
     start = time.perf_counter()
     pool = _start_pool(workers, ("folder", size, options, 8))
-    list(pool.map(abs, range(workers)))
-    pool.shutdown()
+    try:
+        list(pool.map(abs, range(workers)))
+    finally:
+        pool.shutdown()
     return time.perf_counter() - start
 
 
@@ -124,11 +126,14 @@ def _work_rss(task: tuple[str, str, str, str]) -> float:
 
 def _memory(files: list[tuple[str, Path]], workers: int, size: int, out: Path, options: dict) -> float:
     """Largest peak RSS (MiB) of the ``workers`` pool processes over all files."""
-    from salad_med.data.preprocess_job import _init_worker, _pool_context
+    from salad_med.data.preprocess_job import _start_pool
 
     tasks = [(f"m{i}", str(p), str(out / f"m{i}.png"), str(out / f"m{i}_mask.png")) for i, (_, p) in enumerate(files)]
-    with _pool_context().Pool(workers, initializer=_init_worker, initargs=("folder", size, options, 8)) as pool:
-        return max(pool.map(_work_rss, tasks, chunksize=1))
+    pool = _start_pool(workers, ("folder", size, options, 8))
+    try:
+        return max(pool.map(_work_rss, tasks))
+    finally:
+        pool.shutdown()
 
 
 def _throughput(files: list[tuple[str, Path]], workers: int, size: int, out: Path, options: dict

@@ -461,21 +461,24 @@ def masked_median(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(count > 0, out, np.nan)
 
 
+def line_fit_rows(t: np.ndarray, y: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``(L, T)`` arrays the least-squares ``(a, b)`` of ``y = a + b t`` through the ``m`` points
+    (``t`` may broadcast, e.g. ``(1, T)``): two ``(L,)`` arrays; ``b = 0`` (``a`` the mean) for a row whose
+    points share one ``t``, ``a = b = 0`` for a row without any."""
+    w = m.astype(np.float64)
+    n = np.maximum(w.sum(axis=1), 1.0)
+    tm = (w * np.where(m, t, 0.0)).sum(axis=1) / n
+    ym = (w * np.where(m, y, 0.0)).sum(axis=1) / n
+    dt = np.where(m, t - tm[:, None], 0.0)
+    var = (dt * dt).sum(axis=1)
+    b = np.where(var > 0, (dt * np.where(m, y - ym[:, None], 0.0)).sum(axis=1) / np.where(var > 0, var, 1.0), 0.0)
+    return ym - b * tm, b
+
+
 def _robust_line_batch(t: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """:func:`robust_line` for every row of ``(L, T)`` arrays at once (rows of ``mask`` are the points)."""
-
-    def fit(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        w = m.astype(np.float64)
-        n = np.maximum(w.sum(axis=1), 1.0)
-        tm = (w * np.where(m, t, 0.0)).sum(axis=1) / n
-        ym = (w * np.where(m, y, 0.0)).sum(axis=1) / n
-        dt = np.where(m, t - tm[:, None], 0.0)
-        var = (dt * dt).sum(axis=1)
-        b = np.where(var > 0, (dt * np.where(m, y - ym[:, None], 0.0)).sum(axis=1) / np.where(var > 0, var, 1.0), 0.0)
-        return ym - b * tm, b
-
     keep = mask.copy()
-    a, b = fit(keep)
+    a, b = line_fit_rows(t, y, keep)
     active = np.ones(t.shape[0], dtype=bool)
     for _ in range(3):
         r = np.abs(y - (a[:, None] + b[:, None] * t))
@@ -486,7 +489,7 @@ def _robust_line_batch(t: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[
         if not active.any():
             break
         keep = np.where(active[:, None], new, keep)
-        a2, b2 = fit(keep)
+        a2, b2 = line_fit_rows(t, y, keep)
         a, b = np.where(active, a2, a), np.where(active, b2, b)
     return a, b
 

@@ -73,6 +73,7 @@ from preprocessing.carrier import (
     CarrierResult,
     detect_carrier,
     finite,
+    line_fit_rows,
     local_range,
     masked_median,
     plane_2d,
@@ -829,7 +830,8 @@ def _border_glow(d: np.ndarray, field: np.ndarray, tol: float, body: float, max_
             v, m = a[rows, cols], ok[rows, cols] & inside
             fit = np.broadcast_to(masked_median(v, m)[:, None], v.shape)
             for _ in range(3):  # a level straight along the side, fitted to its background samples
-                fit = _line_batch(t, v, m & (np.abs(v - fit) <= tol))
+                a0, b0 = line_fit_rows(t[None, :], v, m & (np.abs(v - fit) <= tol))
+                fit = a0[:, None] + b0[:, None] * t[None, :]
             inl = (m & (np.abs(v - fit) <= tol)).sum(axis=1)
             n_ok = m.sum(axis=1)
             flat = ((n_ok >= 0.5 * cols.size) & (inl >= min_share * np.maximum(n_ok, 1))
@@ -850,20 +852,6 @@ def _border_glow(d: np.ndarray, field: np.ndarray, tol: float, body: float, max_
         glow[rows[m], np.broadcast_to(cols, m.shape)[m]] = np.maximum(fit[m], 0.0)
         out = back(glow) if out is None else np.maximum(out, back(glow))
     return out
-
-
-def _line_batch(t: np.ndarray, v: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Per row of ``v (D, C)`` the least-squares line ``a + b t`` through its ``keep`` samples, evaluated at
-    ``t (C,)``: ``(D, C)`` (the row's mean where it has < 2 distinct samples; 0 where it has none)."""
-    w = keep.astype(np.float32)
-    n = np.maximum(w.sum(axis=1), 1.0)
-    tm = (w * t).sum(axis=1) / n
-    vm = (w * np.where(keep, v, 0.0)).sum(axis=1) / n
-    dt = np.where(keep, t - tm[:, None], 0.0)
-    var = (dt * dt).sum(axis=1)
-    cov = (dt * np.where(keep, v - vm[:, None], 0.0)).sum(axis=1)
-    b = np.where(var > 0, cov / np.where(var > 0, var, 1.0), 0.0)
-    return vm[:, None] + b[:, None] * (t[None, :] - tm[:, None])
 
 
 def _exposure_fields(valid: np.ndarray, min_fraction: float = 0.04) -> list[np.ndarray]:

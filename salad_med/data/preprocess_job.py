@@ -292,6 +292,16 @@ def _meta_row(meta: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _failed(reason: str) -> dict[str, Any]:
+    """The fields of a failed input's row (no outputs)."""
+    return {"status": "failed", "reason": reason, "output_path": "", "mask_path": ""}
+
+
+def _in_words(err: BaseException, limit: int = 200) -> str:
+    """``"Type: message"`` on one line, at most ``limit`` characters of message."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:limit] or 'no message'}"
+
+
 def _work(task: tuple[str, str, str, str]) -> dict[str, Any]:
     """Preprocess one input; never raises (failures come back as a row with a reason)."""
     image_id, source, out_img, out_mask = task
@@ -318,14 +328,12 @@ def _work(task: tuple[str, str, str, str]) -> dict[str, Any]:
         row["_files"] = {"output_size": img_size, "output_sha256": img_sha,
                          "mask_size": mask_size, "mask_sha256": mask_sha}
     except ReadError as err:
-        row.update(status="failed", reason=err.reason, output_path="", mask_path="")
+        row.update(_failed(err.reason))
     except ValueError as err:  # transforms state bad content in words ("no body part found: ...")
-        reason = " ".join(str(err).split())[:200] or "ValueError"
-        row.update(status="failed", reason=reason, output_path="", mask_path="")
+        row.update(_failed(" ".join(str(err).split())[:200] or "ValueError"))
         log.debug("failure on %s", image_id, exc_info=True)
     except Exception as err:  # noqa: BLE001 - one bad input must not stop the batch; report it in words
-        detail = " ".join(str(err).split())[:200] or "no message"
-        row.update(status="failed", reason=f"{type(err).__name__}: {detail}", output_path="", mask_path="")
+        row.update(_failed(_in_words(err)))
         log.debug("failure on %s", image_id, exc_info=True)
     if row["status"] == "failed":
         for stale in (out_img, out_mask):
@@ -362,7 +370,7 @@ def _init_worker_safe(*init_args: Any) -> None:
     try:
         _init_worker(*init_args)
     except Exception as err:  # noqa: BLE001 - reported to the parent in words, raised there
-        _WORKER["init_error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        _WORKER["init_error"] = _in_words(err, 300)
 
 
 def _start_pool(workers: int, init_args: tuple) -> Any:
@@ -441,8 +449,7 @@ def _run_tasks(tasks: list[tuple[str, str, str, str]], workers: int, init_args: 
                         broken = True
                         if alone:  # it died with nothing else in flight: this input killed it
                             log.warning("%s: %s", task[0], WORKER_DIED)
-                            yield {"image_id": task[0], "status": "failed", "reason": WORKER_DIED,
-                                   "output_path": "", "mask_path": ""}
+                            yield {"image_id": task[0], **_failed(WORKER_DIED)}
                         else:
                             suspects.append(task)
                         continue
@@ -454,7 +461,8 @@ def _run_tasks(tasks: list[tuple[str, str, str, str]], workers: int, init_args: 
                 if suspects:
                     log.warning("a preprocessing worker died; retrying the %d input(s) it may have been working on "
                                 "one at a time", len(suspects))
-                pool = _start_pool(workers, init_args)
+                if todo or suspects:  # a fresh pool only when there is work left for it
+                    pool = _start_pool(workers, init_args)
     finally:
         pool.shutdown(cancel_futures=True)
 

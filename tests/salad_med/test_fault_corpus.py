@@ -624,7 +624,9 @@ def test_full_disk_tmpfs(cli, root):
     TALLY.handled("output: full disk (tmpfs)")
 
 
-def test_file_where_a_folder_is_expected(cli, root, run, split, good_png):
+def test_file_where_a_folder_is_expected(cli, root, run, split, good_png, image_batch):
+    # image_batch writes the "images in" folder preprocess reads: without it the run stops at the missing
+    # input (exit 2) before reaching the output check, when this test runs alone
     blocker = root / "blocker"
     blocker.write_text("a file, not a folder")
     for args in (["score", "--run", run, "--output", blocker, good_png],
