@@ -155,7 +155,11 @@ class TrainConfig:
                             help="query: each view is a query for its image's bank row; aug_set: views join "
                                  "the positive set of Eq. 1 (SampleSpecificLoss views)")
     device: str = _field("auto", help="auto, cpu, cuda, cuda:N")
-    amp: bool = _field(True, help="mixed precision on CUDA")
+    amp: bool = _field(True, help="mixed precision on CUDA (bfloat16 where supported, else float16 with a "
+                                  "gradient scaler)")
+    channels_last: bool = _field(True, help="CUDA: network and batches in channels-last memory format")
+    deterministic: bool = _field(True, help="CUDA: deterministic cuDNN kernels (identical reruns); false lets "
+                                            "cuDNN pick the fastest kernels per shape (cudnn.benchmark)")
     sync_batchnorm: bool = _field(False, help="DDP on CUDA: SyncBatchNorm (BatchNorm statistics over the "
                                               "global batch; ignored on CPU/gloo)")
     val_every: int = _field(1, min=1, max=10000, help="validate every N epochs")

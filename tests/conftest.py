@@ -52,6 +52,9 @@ TINY_OVERRIDES = [
     "data.dataset=nih", "data.image_size=32", "preprocess.size=32", "model.base_channels=4",
     "model.latent_dim=16", "train.batch_size=8", "train.pretrain_epochs=1", "train.rounds=1",
     "train.epochs_per_round=1", "train.k=4", "score.k=4", "train.lr=0.002",
+    # the CPU path on every machine (train.device=auto would train on a GPU where one exists, and GPU-trained
+    # weights scored on the CPU differ by TF32 / cuDNN rounding): tests/salad_med/engine/test_gpu.py covers CUDA
+    "train.device=cpu",
 ]
 
 

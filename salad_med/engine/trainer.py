@@ -62,7 +62,8 @@ log = get_logger("trainer")
 
 EpochCallback = Callable[["Trainer", dict[str, Any]], None]
 #: Config keys that may differ between a checkpoint and a ``--resume`` (they do not change the result).
-RESUMABLE_KEYS = ("data.num_workers", "data.cache_dir", "data.skip_missing", "train.device", "train.amp")
+RESUMABLE_KEYS = ("data.num_workers", "data.cache_dir", "data.skip_missing", "train.device", "train.amp",
+                  "train.channels_last", "train.deterministic")
 #: Columns every ``metrics.csv`` starts with (the method's loss components and info columns follow).
 BASE_COLUMNS = ("epoch", "phase", "loss_total")
 #: Files of a run that ``--overwrite`` removes before training again.
@@ -209,8 +210,11 @@ class Trainer:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
         set_determinism(seed=cfg.seed)  # torch, numpy, python, cudnn flags
+        if not t.deterministic:  # seeded, but cuDNN may pick non-deterministic kernels (faster)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+        self.channels_last = self.cuda and t.channels_last
         self.model = self.method.build_model().to(self.device)
-        if self.cuda:
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.ctx.distributed and self.cuda and t.sync_batchnorm:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -412,7 +416,7 @@ class Trainer:
         views = batch["views"].to(self.device, non_blocking=True) if self.method.uses_views else None
         if views is not None and views.shape[1] == 0:
             views = None
-        if self.cuda:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
             if views is not None:
                 views = views.contiguous()

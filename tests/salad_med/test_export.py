@@ -63,9 +63,14 @@ def test_torchscript_cli_equals_score(tmp_path, tiny_dicom_run, run_model, refer
     with torch.no_grad():
         full, raw = module(x).numpy(), module.raw(x).numpy()
         single = np.concatenate([module(x[i:i + 1]).numpy() for i in range(3)])
+        single_raw = np.concatenate([module.raw(x[i:i + 1]).numpy() for i in range(3)])
     _assert_same_scores(full, raw, df)
     np.testing.assert_allclose(full, run_model.calibrate(raw.astype(np.float64)), atol=TOL, rtol=0)
-    np.testing.assert_allclose(single, full[:3], atol=TOL, rtol=0)
+    # one image alone vs in a batch: the raw scores agree to RAW_REL (convolution kernels differ with the batch
+    # size); the calibrated score is the calibration of that raw score (the calibration's slope can magnify
+    # RAW_REL: 2.4e-4 on another machine against 1e-5 here, so calibrated scores are not compared directly)
+    np.testing.assert_allclose(single_raw, raw[:3], rtol=RAW_REL)
+    np.testing.assert_allclose(single, run_model.calibrate(single_raw.astype(np.float64)), atol=TOL, rtol=0)
     meta = json.loads(extra["salad_med.json"])
     assert meta["method"] == "salad" and meta["image_size"] == x.shape[-1]
 

@@ -113,7 +113,7 @@ def _free_port() -> int:
 
 def torchrun(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --standalone --nproc_per_node=2 ARGS`` (gloo, 1 thread each)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "TORCHELASTIC_ERROR_FILE": "",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]), "TORCHELASTIC_ERROR_FILE": "",
            "LOGLEVEL": "WARNING"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--master_port={_free_port()}", *args]

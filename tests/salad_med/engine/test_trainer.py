@@ -61,7 +61,8 @@ def test_resume_refuses_another_config(split, cache, tmp_path):
     with pytest.raises(ConfigError, match=r"train\.lr"):
         Trainer(_cfg("train.lr=0.01"), train, val, tmp_path / "run", resume=True)
     # device / workers may change on resume
-    Trainer(_cfg("data.num_workers=0", "train.device=cpu"), train, val, tmp_path / "run", resume=True)
+    Trainer(_cfg("data.num_workers=0", "train.device=auto", "train.channels_last=false", "train.deterministic=false"),
+            train, val, tmp_path / "run", resume=True)
 
 
 @pytest.mark.parametrize("method", available_methods())
