@@ -154,6 +154,10 @@ class TrainConfig:
     view_loss: str = _field("query", choices=("query", "aug_set"),
                             help="query: each view is a query for its image's bank row; aug_set: views join "
                                  "the positive set of Eq. 1 (SampleSpecificLoss views)")
+    encoder_lr_scale: float = _field(1.0, min=0.0, max=1.0,
+                                     help="the encoder's learning rate as a fraction of train.lr (auto-encoder "
+                                          "methods): below 1 keeps more of a model.init_from encoder; 0 freezes "
+                                          "its weights (BatchNorm statistics still follow the data)")
     device: str = _field("auto", help="auto, cpu, cuda, cuda:N")
     amp: bool = _field(True, help="mixed precision on CUDA (bfloat16 where supported, else float16 with a "
                                   "gradient scaler)")

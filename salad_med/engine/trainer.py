@@ -220,6 +220,10 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.method.setup(self)
         self.forward_module: nn.Module = self.method.train_module(self.model)
+        encoder = self._encoder_parameters(t.encoder_lr_scale)
+        if t.encoder_lr_scale == 0:  # frozen before DDP and the optimiser see the parameters
+            for p in encoder:
+                p.requires_grad_(False)
         params = self.method.trainable_parameters(self.model) if self.method.trains_network else []
         if self.ctx.distributed and params:
             from torch.nn.parallel import DistributedDataParallel
@@ -228,6 +232,10 @@ class Trainer:
             self.forward_module = DistributedDataParallel(
                 self.forward_module, device_ids=[self.device.index] if self.cuda else None,
                 find_unused_parameters=self.method.ddp_find_unused_parameters)
+        if encoder and 0 < t.encoder_lr_scale < 1:  # two parameter groups: the encoder at lr x scale
+            enc = {id(p) for p in encoder}
+            params = [{"params": [p for p in params if id(p) in enc], "lr": t.lr * t.encoder_lr_scale},
+                      {"params": [p for p in params if id(p) not in enc]}]
         self.optimizer = torch.optim.Adam(params, lr=t.lr, betas=(t.beta1, t.beta2),
                                           weight_decay=t.weight_decay) if params else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -408,6 +416,21 @@ class Trainer:
         self._set_rng_state(ckpt["rng"])
         log.info("resuming %s after epoch %d/%d (step %d)", self.run_dir, self.epoch, self.total_epochs,
                  self.global_step)
+
+    def _encoder_parameters(self, scale: float) -> list[nn.Parameter]:
+        """The encoder's parameters when ``train.encoder_lr_scale`` < 1 (``[]`` at 1).
+
+        Raises:
+            ConfigError: a scale below 1 for a method whose network has no auto-encoder encoder.
+        """
+        if scale >= 1:
+            return []
+        prefixes = getattr(self.model, "encoder_prefixes", ())
+        if not prefixes or not self.method.trains_network:
+            msg = (f"train.encoder_lr_scale={scale:g} needs an auto-encoder method (salad, memdae, dae, "
+                   f"deep_svdd, ...); {self.cfg.train.method} has no such encoder")
+            raise ConfigError(msg)
+        return [p for name, p in self.model.named_parameters() if name.startswith(prefixes)]
 
     # ------------------------------------------------------------------------------------ training
     def _prepare_batch(self, batch: dict[str, Any]) -> TrainBatch:
