@@ -225,6 +225,11 @@ class Trainer:
             for p in encoder:
                 p.requires_grad_(False)
         params = self.method.trainable_parameters(self.model) if self.method.trains_network else []
+        if t.encoder_lr_scale == 0 and self.method.ddp_find_unused_parameters:
+            # the method's loss leaves the decoder without gradient (Deep SVDD, SALAD without L_rec)
+            msg = (f"train.encoder_lr_scale=0 freezes the encoder, the only part {t.method}'s loss trains: nothing "
+                   "would be trained")
+            raise ConfigError(msg)
         if self.ctx.distributed and params:
             from torch.nn.parallel import DistributedDataParallel
 

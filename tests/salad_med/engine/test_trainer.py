@@ -319,3 +319,11 @@ def test_encoder_lr_scale_needs_an_auto_encoder(split, cache, tmp_path):
     train, val = _datasets(cfg, split, cache)
     with pytest.raises(ConfigError, match="encoder_lr_scale"):
         Trainer(cfg, train, val, tmp_path / "run")
+
+
+@pytest.mark.parametrize("method", ["deep_svdd", "salad_no_rec"])
+def test_encoder_lr_scale_zero_refuses_a_method_with_nothing_else_to_train(method, split, cache, tmp_path):
+    cfg = _cfg(f"train.method={method}", "train.encoder_lr_scale=0")
+    train, val = _datasets(cfg, split, cache)
+    with pytest.raises(ConfigError, match="nothing would be trained"):
+        Trainer(cfg, train, val, tmp_path / "run")
