@@ -20,19 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import queue as queue_module
-import socket
 import statistics
 import time
 
 import torch
 
 BANK_DIM = 200
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, threads: int, args: dict, commands, results) -> None:
@@ -98,10 +91,12 @@ class Contender:
     """``world`` spawned processes with ``threads`` torch threads each, timed one window at a time."""
 
     def __init__(self, world: int, threads: int, args: dict):
+        from salad_med.dicom.orthanc import free_port
+
         ctx = torch.multiprocessing.get_context("spawn")
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(world)]
-        port = _free_port()
+        port = free_port()
         self.procs = [ctx.Process(target=_worker, args=(r, world, port, threads, args, self.commands[r],
                                                         self.results)) for r in range(world)]
         for p in self.procs:

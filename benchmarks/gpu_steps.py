@@ -167,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     if ddp:  # one-rank process group: the NCCL (GPU) or gloo (CPU) path of DistributedDataParallel
         import torch.distributed as dist
 
-        from benchmarks.ddp_steps import _free_port
+        from salad_med.dicom.orthanc import free_port
 
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
         if device.type == "cuda":
             torch.cuda.set_device(device.index or 0)
             device = torch.device("cuda", device.index or 0)

@@ -220,16 +220,8 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.method.setup(self)
         self.forward_module: nn.Module = self.method.train_module(self.model)
-        encoder = self._encoder_parameters(t.encoder_lr_scale)
-        if t.encoder_lr_scale == 0:  # frozen before DDP and the optimiser see the parameters
-            for p in encoder:
-                p.requires_grad_(False)
+        encoder = self._scaled_encoder(t.encoder_lr_scale)  # frozen at 0, before DDP and Adam see it
         params = self.method.trainable_parameters(self.model) if self.method.trains_network else []
-        if t.encoder_lr_scale == 0 and self.method.ddp_find_unused_parameters:
-            # the method's loss leaves the decoder without gradient (Deep SVDD, SALAD without L_rec)
-            msg = (f"train.encoder_lr_scale=0 freezes the encoder, the only part {t.method}'s loss trains: nothing "
-                   "would be trained")
-            raise ConfigError(msg)
         if self.ctx.distributed and params:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -237,7 +229,7 @@ class Trainer:
             self.forward_module = DistributedDataParallel(
                 self.forward_module, device_ids=[self.device.index] if self.cuda else None,
                 find_unused_parameters=self.method.ddp_find_unused_parameters)
-        if encoder and 0 < t.encoder_lr_scale < 1:  # two parameter groups: the encoder at lr x scale
+        if encoder and t.encoder_lr_scale > 0:  # two parameter groups: the encoder at lr x scale
             enc = {id(p) for p in encoder}
             params = [{"params": [p for p in params if id(p) in enc], "lr": t.lr * t.encoder_lr_scale},
                       {"params": [p for p in params if id(p) not in enc]}]
@@ -422,20 +414,31 @@ class Trainer:
         log.info("resuming %s after epoch %d/%d (step %d)", self.run_dir, self.epoch, self.total_epochs,
                  self.global_step)
 
-    def _encoder_parameters(self, scale: float) -> list[nn.Parameter]:
-        """The encoder's parameters when ``train.encoder_lr_scale`` < 1 (``[]`` at 1).
+    def _scaled_encoder(self, scale: float) -> list[nn.Parameter]:
+        """The encoder's parameters when ``train.encoder_lr_scale`` < 1 (``[]`` at 1), frozen at 0.
 
         Raises:
-            ConfigError: a scale below 1 for a method whose network has no auto-encoder encoder.
+            ConfigError: a scale below 1 for a method whose network has no auto-encoder encoder, or 0 for a
+                method whose loss trains the encoder alone (nothing would be trained).
         """
         if scale >= 1:
             return []
+        method = self.cfg.train.method
         prefixes = getattr(self.model, "encoder_prefixes", ())
         if not prefixes or not self.method.trains_network:
             msg = (f"train.encoder_lr_scale={scale:g} needs an auto-encoder method (salad, memdae, dae, "
-                   f"deep_svdd, ...); {self.cfg.train.method} has no such encoder")
+                   f"deep_svdd, ...); {method} has no such encoder")
             raise ConfigError(msg)
-        return [p for name, p in self.model.named_parameters() if name.startswith(prefixes)]
+        if scale == 0 and self.method.ddp_find_unused_parameters:
+            # the method's loss leaves the decoder without gradient (Deep SVDD, SALAD without L_rec)
+            msg = (f"train.encoder_lr_scale=0 freezes the encoder, the only part {method}'s loss trains: nothing "
+                   "would be trained")
+            raise ConfigError(msg)
+        encoder = [p for name, p in self.model.named_parameters() if name.startswith(prefixes)]
+        if scale == 0:
+            for p in encoder:
+                p.requires_grad_(False)
+        return encoder
 
     # ------------------------------------------------------------------------------------ training
     def _prepare_batch(self, batch: dict[str, Any]) -> TrainBatch:

@@ -42,7 +42,7 @@ import torch
 from typer.testing import CliRunner
 
 from salad_med.cli.app import app
-from tests.conftest import REPO_ROOT, TINY_OVERRIDES, write_tiny_split
+from tests.conftest import TINY_OVERRIDES, python_env, write_tiny_split
 from tests.faults import (
     FAKE_PATIENT_NAME,
     PHI_MARKERS,
@@ -160,9 +160,7 @@ def good_png(root) -> Path:
 
 
 def _python_env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return python_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
 
 
 def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300.0) -> None:

@@ -25,8 +25,8 @@ from typer.testing import CliRunner
 from salad_med.cli.app import app
 from salad_med.data.preprocess_job import Journal, journal_file_name, read_journals
 from salad_med.synthetic.phantom import PhantomSpec, make_phantom, write_png
+from tests.conftest import python_env
 
-REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 SIZE = 64
 
@@ -61,8 +61,7 @@ def test_kill_9_midway_then_rerun_skips_only_verified_outputs(tmp_path):
     root, out = tmp_path / "in", tmp_path / "out"
     n = 60
     _phantoms(root, n)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = python_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "salad_med", "preprocess", "--dataset", "folder", "--input", str(root),
            "--output", str(out), "--size", str(SIZE), "--workers", "1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +39,7 @@ from salad_med.dicom.node import (
     iter_audit,
     read_results,
 )
+from salad_med.dicom.orthanc import free_port
 from salad_med.dicom.sr import build_score_sr, read_score_sr
 from salad_med.dicom.tools import dcmtk_missing_reason, dcmtk_tool
 from salad_med.errors import ConfigError
@@ -124,12 +124,6 @@ def _storescu_by_syntax(port: int, paths) -> list[subprocess.CompletedProcess]:
 
 def _uid(path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _events(node_or_dir) -> list[dict]:
@@ -326,7 +320,7 @@ def _storage_scp(received: list, port: int = 0):
 
 def test_forward_failures_are_kept_and_retried_at_restart(tmp_path, make_node, phantoms):
     out = tmp_path / "node"
-    dead = ForwardTarget("127.0.0.1", _free_port(), "ARCHIVE")  # nobody listens there
+    dead = ForwardTarget("127.0.0.1", free_port(), "ARCHIVE")  # nobody listens there
     node = make_node(out, forward=dead, forward_retries=1, forward_backoff_s=0.01)
     datasets = [pydicom.dcmread(p) for p in phantoms.source_path[:2]]
     assert _send(node.port, datasets) == [0, 0]
@@ -444,7 +438,7 @@ def test_truncated_file_answered_with_failure(make_node, phantoms, tmp_path):
 @needs_dcmtk
 @pytest.mark.dcmtk
 def test_forward_to_dcmtk_storescp(make_node, phantoms, tmp_path):
-    port = _free_port()
+    port = free_port()
     received = tmp_path / "archive"
     received.mkdir()
     scp = subprocess.Popen([STORESCP, "-aet", "ARCHIVE", "-od", str(received), "+xa", str(port)],
@@ -473,7 +467,7 @@ def test_forward_to_dcmtk_storescp(make_node, phantoms, tmp_path):
 def test_serve_cli_crash_restart_and_sigterm_drain(tiny_dicom_run, phantoms, tmp_path):
     """``salad-med serve``: SIGKILL mid-stream, restart, SIGTERM drains; every image scored once."""
     out = tmp_path / "node"
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "salad_med", "-q", "serve", "--run", str(tiny_dicom_run.run_dir), "--output",
            str(out), "--allow", "TESTSCU", "--host", "127.0.0.1", "--port", str(port), "--batch-size", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

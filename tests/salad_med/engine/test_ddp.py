@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -105,18 +104,14 @@ def _worker(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --standalone --nproc_per_node=2 ARGS`` (gloo, 1 thread each)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]), "TORCHELASTIC_ERROR_FILE": "",
-           "LOGLEVEL": "WARNING"}
+    from salad_med.dicom.orthanc import free_port
+    from tests.conftest import python_env  # lazy: this file is also torchrun's worker script
+
+    env = python_env(OMP_NUM_THREADS="1", TORCHELASTIC_ERROR_FILE="", LOGLEVEL="WARNING")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", *args]
+           f"--master_port={free_port()}", *args]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                           check=False)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -201,9 +196,11 @@ def test_distributed_helpers_over_gloo(tmp_path):
     the ranks and raises a first-runner's error on every rank (no rank left hanging)."""
     import torch.multiprocessing as mp
 
+    from salad_med.dicom.orthanc import free_port
+
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_helpers_worker, args=(r, port, str(tmp_path), queue)) for r in range(2)]
     for p in procs:
         p.start()

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from salad_med.dicom.orthanc import free_port
 from salad_med.engine.distributed import ShardedEpochSampler, all_gather_cat, get_context
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize(("n", "world", "batch"), [(64, 2, 8), (60, 3, 4), (37, 2, 5)])
@@ -68,7 +61,7 @@ def _gather_worker(rank: int, world: int, port: int, queue) -> None:
 def test_all_gather_uneven_over_gloo():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
