@@ -15,7 +15,8 @@ Data (``../shared/data``; nothing else is ever used):
   groups, AR 5 %, train fraction 0.3: 0.4 leaves 18 normals in val and test).
 * ``demo`` -- the ``salad-med demo`` phantoms (600 patients, unchanged), 64 x 64, its split.
 * factor rows (not in the default list): ``msk_nomask`` (FracAtlas without background masking), ``msk128``
-  and ``msk256`` (FracAtlas masked at 128 / 256 px); same images, split parameters and seed as ``msk``.
+  and ``msk256`` (FracAtlas masked at 128 / 256 px); same images, split parameters and seed as ``msk``;
+  ``zhanglab256`` (ZhangLab at 256 px from its 224 px copies; the same patient split as ``zhanglab``).
 
 Methods: any registered method, as ``method[@preset][+key=value...]`` (``salad+train.rec_reduction=mean`` is
 an ablation row); SALAD without a preset is the paper's recipe (pinned over ``configs/demo.yaml``). Any registered method (the default list ends with the survey comparators ``rdpp`` and its ablation
@@ -35,9 +36,9 @@ epochs) once per data set and seed (``params.teacher_seed`` = the run's seed), c
 survey methods of that seed: their spread over seeds includes the teacher's.
 
 Each run is cached in the work folder (``runs/<dataset>/<method>/seed<k>/result.json``): an interrupted
-benchmark continues where it stopped, and a finished one prints its table again in seconds. Prints one
-table (test AUC mean +- std over seeds, and the mean bootstrap 95 % CI) per data set and
-``accuracy.csv`` / ``accuracy.md``. Read the spread across seeds before the means: 300 test images give
+benchmark continues where it stopped, and a finished one prints its tables again in seconds. Prints two
+tables, method x data set: test AUC (mean +- std over seeds, and the mean bootstrap 95 % CI) and validation
+AUC (mean +- std; the ZhangLab targets are on it), and writes ``accuracy.csv`` / ``accuracy.md``. Read the spread across seeds before the means: 300 test images give
 roughly +- 0.06.
 """
 
@@ -55,10 +56,11 @@ SHARED = Path(os.environ.get("SALAD_MED_SHARED_DATA", REPO.parent / "shared" / "
 _NO_CARRIER = ["data.dataset=folder", "preprocess.detect_carrier=false", "preprocess.segment=false"]
 _MSK = dict(folder="msk_sample", labels=None, size=64, pre=["data.dataset=folder", "preprocess.apply_mask=true"],
             ar=0.05, tf=0.3, group="patient_bodypart")
+_ZHANGLAB = dict(folder="zhanglab_train", labels="labels.csv", size=128, pre=_NO_CARRIER, ar=0.0, tf=0.55,
+                 group="patient", budget=["train.pretrain_epochs=4", "train.rounds=3", "train.epochs_per_round=2"])
 #: dataset -> source folder, labels file, image size, preprocessing overrides, split parameters
 DATASETS: dict[str, dict] = {
-    "zhanglab": dict(folder="zhanglab_train", labels="labels.csv", size=128, pre=_NO_CARRIER, ar=0.0, tf=0.55,
-                     group="patient", budget=["train.pretrain_epochs=4", "train.rounds=3", "train.epochs_per_round=2"]),
+    "zhanglab": _ZHANGLAB,
     "cxr": dict(folder="cxr_sample", labels=None, size=64, pre=_NO_CARRIER, ar=0.05, tf=0.4, group="patient"),
     "msk": _MSK,
     # factor rows of docs/accuracy.md: FracAtlas without background masking, and at 128 / 256 px (same images,
@@ -66,6 +68,8 @@ DATASETS: dict[str, dict] = {
     "msk_nomask": {**_MSK, "pre": ["data.dataset=folder"]},
     "msk128": {**_MSK, "size": 128},
     "msk256": {**_MSK, "size": 256},
+    # ZhangLab at 256 px (the shared copies are 224 px: resolution up to the source's), same split
+    "zhanglab256": {**_ZHANGLAB, "size": 256},
     "demo": dict(folder=None, labels=None, size=64, pre=["data.dataset=mura"], ar=0.05, tf=0.5,
                  group="patient_bodypart"),
 }
@@ -120,7 +124,7 @@ def prepare(name: str, work: Path) -> tuple[Path, Path]:
     m = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
     m = m[m["status"] != "failed"].copy()
     m["label"] = m["label"].astype(int)
-    if name == "zhanglab":  # person1022_bacteria and person1022_virus are one child
+    if spec["folder"] == "zhanglab_train":  # person1022_bacteria and person1022_virus are one child
         pid = m["patient_id"].str.extract(r"^(person\d+)_", expand=False)
         m["patient_id"] = pid.fillna(m["patient_id"])
     split = make_split(m, anomalous_ratio=spec["ar"], train_fraction=spec["tf"], group=spec["group"], seed=0)
@@ -213,12 +217,15 @@ def summarise(rows: list[dict]):
                     "test_auc_std": g["test_auc"].std(ddof=1) if len(g) > 1 else float("nan"),
                     "ci_lo_mean": g["test_auc_ci95"].map(lambda c: c[0]).mean(),
                     "ci_hi_mean": g["test_auc_ci95"].map(lambda c: c[1]).mean(),
-                    "val_auc_mean": g["val_auc"].mean(), "cpu_s_mean": g["cpu_s"].mean()})
+                    "val_auc_mean": g["val_auc"].mean(),
+                    "val_auc_std": g["val_auc"].std(ddof=1) if len(g) > 1 else float("nan"),
+                    "cpu_s_mean": g["cpu_s"].mean()})
     return pd.DataFrame(out)
 
 
-def markdown(summary) -> str:
-    """``method | dataset ...`` table of test AUC mean +- std (seeds) [mean 95 % CI]."""
+def markdown(summary, split: str = "test") -> str:
+    """``method | dataset ...`` table: ``test`` AUC mean +- std (seeds) [mean 95 % CI], or ``val`` (the model
+    selection split: mean +- std over seeds; the trainer's validation AUC carries no bootstrap CI)."""
     datasets = list(dict.fromkeys(summary["dataset"]))
     lines = ["| method | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
     for method in dict.fromkeys(summary["method"]):
@@ -229,8 +236,10 @@ def markdown(summary) -> str:
                 cells.append("")
                 continue
             r = r.iloc[0]
-            std = f" ± {r.test_auc_std:.3f}" if r.test_auc_std == r.test_auc_std else ""
-            cells.append(f"{r.test_auc_mean:.3f}{std} ({int(r.seeds)}) [{r.ci_lo_mean:.2f}-{r.ci_hi_mean:.2f}]")
+            mean, sd = r[f"{split}_auc_mean"], r[f"{split}_auc_std"]
+            std = f" ± {sd:.3f}" if sd == sd else ""
+            ci = f" [{r.ci_lo_mean:.2f}-{r.ci_hi_mean:.2f}]" if split == "test" else ""
+            cells.append(f"{mean:.3f}{std} ({int(r.seeds)}){ci}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -270,8 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         return 0
     summary = summarise(rows)
-    table = markdown(summary)
-    print("\ntest AUC, mean ± std over seeds (number of seeds) [mean bootstrap 95 % CI]\n" + table)
+    table = ("test AUC, mean ± std over seeds (number of seeds) [mean bootstrap 95 % CI]\n\n" + markdown(summary)
+             + "\n\nvalidation AUC (model selection; the ZhangLab targets are on it), mean ± std over seeds\n\n"
+             + markdown(summary, "val"))
+    print("\n" + table)
     pd.DataFrame(rows).to_csv(work / "accuracy_runs.csv", index=False)
     summary.to_csv(work / "accuracy.csv", index=False, float_format="%.4f")
     (work / "accuracy.md").write_text(table + "\n")
