@@ -16,7 +16,8 @@ Data (``../shared/data``; nothing else is ever used):
 * ``demo`` -- the ``salad-med demo`` phantoms (600 patients, unchanged), 64 x 64, its split.
 * factor rows (not in the default list): ``msk_nomask`` (FracAtlas without background masking), ``msk128``
   and ``msk256`` (FracAtlas masked at 128 / 256 px); same images, split parameters and seed as ``msk``;
-  ``zhanglab256`` (ZhangLab at 256 px from its 224 px copies; the same patient split as ``zhanglab``).
+  ``zhanglab64`` and ``zhanglab256`` (ZhangLab at 64 / 256 px, 256 from its 224 px copies; the same patient
+  split as ``zhanglab``).
 
 Methods: any registered method, as ``method[@preset][+key=value...]`` (``salad+train.rec_reduction=mean`` is
 an ablation row); SALAD without a preset is the paper's recipe (pinned over ``configs/demo.yaml``). Any registered method (the default list ends with the survey comparators ``rdpp`` and its ablation
@@ -68,7 +69,8 @@ DATASETS: dict[str, dict] = {
     "msk_nomask": {**_MSK, "pre": ["data.dataset=folder"]},
     "msk128": {**_MSK, "size": 128},
     "msk256": {**_MSK, "size": 256},
-    # ZhangLab at 256 px (the shared copies are 224 px: resolution up to the source's), same split
+    # ZhangLab at 64 / 256 px (the shared copies are 224 px: resolution up to the source's), same split
+    "zhanglab64": {**_ZHANGLAB, "size": 64},
     "zhanglab256": {**_ZHANGLAB, "size": 256},
     "demo": dict(folder=None, labels=None, size=64, pre=["data.dataset=mura"], ar=0.05, tf=0.5,
                  group="patient_bodypart"),
