@@ -58,8 +58,10 @@ _NO_CARRIER = ["data.dataset=folder", "preprocess.detect_carrier=false", "prepro
 _MSK = dict(folder="msk_sample", labels=None, size=64, pre=["data.dataset=folder", "preprocess.apply_mask=true"],
             ar=0.05, tf=0.3, group="patient_bodypart")
 _ZHANGLAB = dict(folder="zhanglab_train", labels="labels.csv", size=128, pre=_NO_CARRIER, ar=0.0, tf=0.55,
-                 group="patient", budget=["train.pretrain_epochs=4", "train.rounds=3", "train.epochs_per_round=2"])
-#: dataset -> source folder, labels file, image size, preprocessing overrides, split parameters
+                 group="patient", budget=["train.pretrain_epochs=4", "train.rounds=3", "train.epochs_per_round=2"],
+                 patient=r"^(person\d+)_")  # person1022_bacteria and person1022_virus are one child
+#: dataset -> source folder, labels file, image size, preprocessing overrides, split parameters (``patient``: a
+#: regular expression whose group is the patient id within the manifest's ``patient_id``, where files carry more)
 DATASETS: dict[str, dict] = {
     "zhanglab": _ZHANGLAB,
     "cxr": dict(folder="cxr_sample", labels=None, size=64, pre=_NO_CARRIER, ar=0.05, tf=0.4, group="patient"),
@@ -126,8 +128,8 @@ def prepare(name: str, work: Path) -> tuple[Path, Path]:
     m = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
     m = m[m["status"] != "failed"].copy()
     m["label"] = m["label"].astype(int)
-    if spec["folder"] == "zhanglab_train":  # person1022_bacteria and person1022_virus are one child
-        pid = m["patient_id"].str.extract(r"^(person\d+)_", expand=False)
+    if spec.get("patient"):
+        pid = m["patient_id"].str.extract(spec["patient"], expand=False)
         m["patient_id"] = pid.fillna(m["patient_id"])
     split = make_split(m, anomalous_ratio=spec["ar"], train_fraction=spec["tf"], group=spec["group"], seed=0)
     params = {"dataset": name, "anomalous_ratio": spec["ar"], "train_fraction": spec["tf"], "group": spec["group"]}
@@ -213,14 +215,17 @@ def summarise(rows: list[dict]):
     import pandas as pd
 
     df = pd.DataFrame(rows)
+
+    def std(v):  # sample std over seeds; NaN for one seed
+        return v.std(ddof=1) if len(v) > 1 else float("nan")
+
     out = []
     for (dataset, method), g in df.groupby(["dataset", "method"], sort=False):
         out.append({"dataset": dataset, "method": method, "seeds": len(g), "test_auc_mean": g["test_auc"].mean(),
-                    "test_auc_std": g["test_auc"].std(ddof=1) if len(g) > 1 else float("nan"),
+                    "test_auc_std": std(g["test_auc"]),
                     "ci_lo_mean": g["test_auc_ci95"].map(lambda c: c[0]).mean(),
                     "ci_hi_mean": g["test_auc_ci95"].map(lambda c: c[1]).mean(),
-                    "val_auc_mean": g["val_auc"].mean(),
-                    "val_auc_std": g["val_auc"].std(ddof=1) if len(g) > 1 else float("nan"),
+                    "val_auc_mean": g["val_auc"].mean(), "val_auc_std": std(g["val_auc"]),
                     "cpu_s_mean": g["cpu_s"].mean()})
     return pd.DataFrame(out)
 
