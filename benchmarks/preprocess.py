@@ -11,7 +11,9 @@ Files: the full-resolution real radiographs of ``../shared/data`` (the 36 FracAt
    decoding the file with the plain library (PIL ``Image.open`` + ``np.asarray``; pydicom ``dcmread`` +
    ``pixel_array``) + writing one 512x512 PNG with the same writer. Reported: the median of the
    per-image ratios (target <= 1.5), also per group.
-2. **Where the time goes**: median CPU ms of each pipeline step.
+2. **Where the time goes**: median CPU ms of each pipeline step, and what the target leaves for the image
+   analysis (carrier detection + segmentation) once decode, resampling and the writes are paid
+   (:func:`budget`).
 3. **Throughput**: ``run_preprocess`` over the same files with 1 and 2 worker processes, images/s of
    wall clock with the pool start included, and without it (measured apart).
 4. **Memory per worker**: peak resident memory (``ru_maxrss``) of a worker process of the pool after
@@ -100,6 +102,33 @@ def _steps(files: list[tuple[str, Path]], size: int, options: dict) -> pd.DataFr
             start = time.process_time()
             data = t(data)
             rows.append({"group": group, "step": type(t).__name__, "ms": 1e3 * (time.process_time() - start)})
+    return pd.DataFrame(rows)
+
+
+ANALYSIS_STEPS = ("CropToCarrierd", "SegmentBodyPartd")  # the image analysis; the rest is I/O and resampling
+
+
+def budget(ratios: pd.DataFrame, steps: pd.DataFrame, target: float = TARGET) -> pd.DataFrame:
+    """What the target leaves for the image analysis (carrier detection + segmentation), per group.
+
+    ``rest`` = the median preprocessing time minus the median analysis time (:data:`ANALYSIS_STEPS`, from
+    ``steps``): decode, polarity, normalisation, resize and the two PNG writes. The target allows
+    ``target x floor``; what is left after ``rest`` is the analysis' budget.
+
+    Returns:
+        One row per group: ``floor_ms, analysis_ms, rest_ms, rest_ratio (rest / floor), budget_ms,
+        speedup`` (how many times faster the analysis must run; ``inf`` when the rest alone misses the target).
+    """
+    rows = []
+    for group, g in ratios.groupby("group", sort=False):
+        per_step = steps[steps["group"] == group].groupby("step")["ms"].median()
+        floor = float(g["floor_ms"].median())
+        analysis = float(sum(per_step.get(k, 0.0) for k in ANALYSIS_STEPS))
+        rest = float(g["pre_ms"].median()) - analysis
+        left = target * floor - rest
+        rows.append({"group": group, "floor_ms": floor, "analysis_ms": analysis, "rest_ms": rest,
+                     "rest_ratio": rest / floor, "budget_ms": left,
+                     "speedup": analysis / left if left > 0 else float("inf")})
     return pd.DataFrame(rows)
 
 
@@ -198,6 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     table = steps.pivot_table(index="step", columns="group", values="ms", aggfunc="median", sort=False)
     print("  median CPU ms per pipeline step:")
     print("    " + table.to_string(float_format=lambda v: f"{v:7.1f}").replace("\n", "\n    "))
+    if not options:
+        print("  what the target leaves for carrier detection + segmentation (the rest: decode, polarity, "
+              "normalisation, resize, both PNG writes):")
+        for r in budget(df, steps).itertuples(index=False):
+            need = (f"{r.budget_ms:5.1f} ms, {r.speedup:.1f}x faster than now" if r.budget_ms > 0
+                    else "nothing: the rest alone misses it")
+            print(f"    {r.group:15s} now {r.analysis_ms:5.1f} ms; the rest {r.rest_ms:5.1f} ms = "
+                  f"{r.rest_ratio:.2f}x the floor; at {TARGET}x they would have {need}")
     for w, (rate, n, wall) in rates.items():
         line = f"  throughput with {w} worker(s): {rate:5.2f} images/s ({n} images in {wall:.1f} s wall"
         if w > 1:
