@@ -118,10 +118,17 @@ def budget(ratios: pd.DataFrame, steps: pd.DataFrame, target: float = TARGET) ->
     Returns:
         One row per group: ``floor_ms, analysis_ms, rest_ms, rest_ratio (rest / floor), budget_ms,
         speedup`` (how many times faster the analysis must run; ``inf`` when the rest alone misses the target).
+
+    Raises:
+        ValueError: ``steps`` lacks a timing of an analysis step for a group.
     """
     rows = []
     for group, g in ratios.groupby("group", sort=False):
         per_step = steps[steps["group"] == group].groupby("step")["ms"].median()
+        missing = [k for k in ANALYSIS_STEPS if k not in per_step.index]
+        if missing:  # a renamed transform would otherwise read as a free analysis
+            msg = f"budget: no timing of {missing} for {group!r} (steps: {sorted(per_step.index)})"
+            raise ValueError(msg)
         floor = float(g["floor_ms"].median())
         analysis = float(sum(per_step.get(k, 0.0) for k in ANALYSIS_STEPS))
         rest = float(g["pre_ms"].median()) - analysis

@@ -28,6 +28,13 @@ def test_budget_is_the_target_minus_everything_but_the_analysis():
 
 def test_budget_when_the_rest_alone_misses_the_target():
     ratios = pd.DataFrame({"group": ["slow"], "floor_ms": [10.0], "pre_ms": [40.0]})
-    steps = pd.DataFrame({"group": ["slow"], "step": ["SegmentBodyPartd"], "ms": [5.0]})
+    steps = pd.DataFrame({"group": ["slow"] * 2, "step": ["CropToCarrierd", "SegmentBodyPartd"], "ms": [2.0, 3.0]})
     row = budget(ratios, steps).iloc[0]
-    assert row["budget_ms"] == pytest.approx(-20.0) and math.isinf(row["speedup"])  # 15 - 35
+    assert row["budget_ms"] == pytest.approx(-20.0) and math.isinf(row["speedup"])  # 15 - (40 - 5)
+
+
+def test_budget_refuses_timings_without_the_analysis_steps():
+    ratios = pd.DataFrame({"group": ["g"], "floor_ms": [10.0], "pre_ms": [40.0]})
+    steps = pd.DataFrame({"group": ["g"], "step": ["SegmentBodyPart"], "ms": [5.0]})  # a renamed transform
+    with pytest.raises(ValueError, match="CropToCarrierd"):
+        budget(ratios, steps)
