@@ -130,7 +130,7 @@ def budget(ratios: pd.DataFrame, steps: pd.DataFrame, target: float = TARGET) ->
             msg = f"budget: no timing of {missing} for {group!r} (steps: {sorted(per_step.index)})"
             raise ValueError(msg)
         floor = float(g["floor_ms"].median())
-        analysis = float(sum(per_step.get(k, 0.0) for k in ANALYSIS_STEPS))
+        analysis = float(per_step[list(ANALYSIS_STEPS)].sum())
         rest = float(g["pre_ms"].median()) - analysis
         left = target * floor - rest
         rows.append({"group": group, "floor_ms": floor, "analysis_ms": analysis, "rest_ms": rest,

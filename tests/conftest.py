@@ -58,12 +58,12 @@ TINY_OVERRIDES = [
 ]
 
 
-
 def python_env(**overrides: str) -> dict[str, str]:
     """This process's environment for a ``python -m ...`` subprocess that must import this checkout: the
     repository first on ``PYTHONPATH`` (the caller's entries kept after it), then ``overrides``."""
     path = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT), **overrides}
+
 
 def write_tiny_split(root: Path, n: int = 48, size: int = 32, seed: int = 0, preprocessed: bool = False) -> Path:
     """Write ``n`` tiny radiograph-like PNGs (a bright blob; abnormal ones carry a bright square) and a
