@@ -218,7 +218,7 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
     cand[w - max_d - 7:] = True
     sel = np.flatnonzero(cand)
     flat, inside = flat_all[:, sel], inside_all[:, sel]  # (S, Wc, R)
-    ok = inside & np.take(valid.ravel(), flat)
+    ok = inside & np.take(valid.ravel(), flat) if not valid.all() else inside
     n_ok = np.maximum(ok.sum(axis=2), 1)  # (S, Wc)
     v = np.take(g.ravel(), flat)
     k = n_rows // 2
@@ -233,19 +233,29 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
     spans[:, sel] = ok.sum(axis=2) / float(n_rows)
     end = max(2, n_rows // 16)  # a band runs from frame to frame: no background at either end
     reaches[:, sel] = (v[:, :, :end].mean(axis=2) > ceiling) & (v[:, :, -end:].mean(axis=2) > ceiling)
-    # the line's own ends in the valid region (the first and last 3 valid samples, not the carrier's
-    # exterior beyond them): a band crossing the field stays above background there, a limb ending
-    # inside the field (a bone with its soft tissue) comes down to it
-    seen = np.cumsum(ok, axis=2)
-    head, tail = ok & (seen <= 3), ok & (seen > seen[:, :, -1:] - 3)
-    ends_level = np.full((n_s, w), -1.0)  # the darker of the two ends (mean of 3 samples each)
-    ends_level[:, sel] = np.minimum(np.where(head, v, 0.0).sum(axis=2) / np.maximum(head.sum(axis=2), 1),
-                                    np.where(tail, v, 0.0).sum(axis=2) / np.maximum(tail.sum(axis=2), 1))
     lit = ok & (v >= bright_level)  # = ok & bright at the samples
     n_lit = lit.sum(axis=2)
-    lit_mean = np.where(lit, v, 0.0).sum(axis=2) / np.maximum(n_lit, 1)  # the bright samples agree:
-    agree = (lit & (np.abs(v - lit_mean[:, :, None]) <= _CORE_TOL)).sum(axis=2) >= _CORE_AGREE * n_lit
-    brights[:, sel] = np.where(agree, n_lit / n_ok, 0.0)  # a cast or a bone varies along its length
+    ratio = n_lit / n_ok
+    # the bright samples agree (a cast or a bone varies along its length); only a line bright on
+    # >= min_bright of it can be a core, so only those are checked (the others' value never matters)
+    maybe = np.nonzero(ratio >= min_bright)
+    if maybe[0].size:
+        lit_m, v_m, n_m = lit[maybe], v[maybe], n_lit[maybe]
+        lit_mean = np.where(lit_m, v_m, 0.0).sum(axis=1) / np.maximum(n_m, 1)
+        agree = (lit_m & (np.abs(v_m - lit_mean[:, None]) <= _CORE_TOL)).sum(axis=1) >= _CORE_AGREE * n_m
+        brights[maybe[0], sel[maybe[1]]] = np.where(agree, ratio[maybe], 0.0)
+
+    def ends_level(ks: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """The darker of the two ends of lines ``(ks, xs)`` (mean of their first and last 3 valid samples,
+        not the carrier's exterior beyond them): a band crossing the field stays above background there,
+        a limb ending inside the field (a bone with its soft tissue) comes down to it."""
+        at_sel = np.searchsorted(sel, xs)
+        o, vv = ok[ks, at_sel], v[ks, at_sel]
+        seen = np.cumsum(o, axis=1)
+        head, tail = o & (seen <= 3), o & (seen > seen[:, -1:] - 3)
+        return np.minimum(np.where(head, vv, 0.0).sum(axis=1) / np.maximum(head.sum(axis=1), 1),
+                          np.where(tail, vv, 0.0).sum(axis=1) / np.maximum(tail.sum(axis=1), 1))
+
     best = np.argmax(uni - 0.01 * np.abs(np.asarray(_SHEARS))[:, None], axis=0)  # ties: the least tilt
     at = np.arange(w)
     uniform_all, med_all, span_all = uni[best, at], meds[best, at], spans[best, at]
@@ -292,7 +302,7 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
         part[idx] = True
         left = extend(idx[0] - 1, -1, part, lines=by_core)
         right = extend(idx[-1] + 1, 1, part, lines=by_core)
-        if float(ends_level[core_k[idx], idx].min()) <= ceiling:
+        if float(ends_level(core_k[idx], idx).min()) <= ceiling:
             continue  # the core comes down to background at an end of the field: a bone, not a divider
         white = float(np.median(meds[core_k[idx], idx])) >= 0.9  # unexposed white, not a cast (~0.8)
         if (left and right or white and (left or right)) and part.sum() - idx.size >= min_strip:
@@ -490,12 +500,14 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     m = flank  # >= d + 3: the widest offset sampled
     pad, index = _shear_index(h, w, step, m)
     sheared = np.take(np.pad(g, ((0, 0), (pad, pad)), mode="edge").ravel(), index)  # (S, R, w + 2 m)
-    vs = np.take(np.pad(valid, ((0, 0), (pad, pad))).ravel(), index)
 
     def at(o: int) -> np.ndarray:
         return sheared[:, :, m + o: m + o + w]
 
-    ok = inside & (cc >= d + 3) & (cc < w - d - 3) & vs[:, :, m - d: m - d + w] & vs[:, :, m + d: m + d + w]
+    ok = inside & (cc >= d + 3) & (cc < w - d - 3)  # both sides d px away in the frame ...
+    if not valid.all():  # ... and in the valid region
+        vs = np.take(np.pad(valid, ((0, 0), (pad, pad))).ravel(), index)
+        ok &= vs[:, :, m - d: m - d + w] & vs[:, :, m + d: m + d + w]
     okc = _cumsum0(ok)
     a1, a3, b1, b3 = at(d + 1), at(d + 3), at(-d - 1), at(-d - 3)
     diff = at(d) - at(-d)
@@ -505,7 +517,8 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     # a divider's core, 1 to 8 px wide (a wedge) and flanked by grey penumbra strips: above both sides
     centre = at(0)
     ridge = ok & (np.maximum(centre - np.maximum(a1, b1), centre - np.maximum(a3, b3)) >= min_step)
-    if ceiling is None:
+    need = int(_MIN_RUN * min_cover * n_rows)  # the shortest run kept shows the edge on this many samples
+    if ceiling is None or not (ridge.sum(axis=1) >= need).any():  # (no line can hold a ridge run)
         ridge[:] = False
     else:
         span = flank - d  # offsets d + 1 .. flank on either side: one running minimum, then slices
@@ -516,7 +529,6 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     flat = np.arange(0, h, step, dtype=np.intp)[None, :, None] * w + cc  # (S, R, W) into g.ravel()
     out: dict[str, Any] = {"step": step, "cc": cc, "flat": flat, "inside": inside, "reach": reach}
     res = {k: [] for k in ("first", "last", "length", "head", "tail")}
-    need = int(_MIN_RUN * min_cover * n_rows)  # the shortest run kept shows the edge on this many samples
     for kind, b in enumerate(kinds):
         first, last, length = (np.zeros((cc.shape[0], w), dtype=np.intp) for _ in range(3))
         head, tail = np.zeros((cc.shape[0], w), dtype=bool), np.zeros((cc.shape[0], w), dtype=bool)
