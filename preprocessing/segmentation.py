@@ -571,21 +571,27 @@ def _closed_lines(runs: dict[str, Any], shape: tuple[int, int], kinds: Sequence[
     frame ending in the open is a limb's outline: a limb enters from the frame and ends in the image.)"""
     h, w = shape
     head, tail, length = runs["head"][kinds], runs["tail"][kinds], runs["length"][kinds]
+    n_rows, reach, step = runs["cc"].shape[1], runs["reach"], runs["step"]
+    shortest = max(min_run * n_rows, 10.0 / step)
+    if not (length >= shortest).any():  # no run long enough, closed or not
+        return np.zeros((h, w), dtype=bool)
     first, last = runs["first"][kinds], runs["last"][kinds]
-    n_rows, reach = runs["cc"].shape[1], runs["reach"]
-    if stop is not None:
-        near = _grow(stop, max(2, reach * runs["step"] // 2))  # an edge may end a few px short of the other
-        sc = _cumsum0(np.take(near.ravel(), runs["flat"]) & runs["inside"])
-        head = head | np.stack([_window_count(sc, first[i] - reach, first[i]) > 0 for i in range(len(kinds))])
-        tail = tail | np.stack([_window_count(sc, last[i] + 1, last[i] + 1 + reach) > 0 for i in range(len(kinds))])
+    if stop is not None:  # (on the lines holding a long enough run only)
+        cols = np.flatnonzero((length >= shortest).any(axis=(0, 1)))
+        near = _grow(stop, max(2, reach * step // 2))  # an edge may end a few px short of the other
+        sc = _cumsum0(np.take(near.ravel(), runs["flat"][:, :, cols]) & runs["inside"][:, :, cols])
+        head, tail = head.copy(), tail.copy()
+        for i in range(len(kinds)):
+            head[i][:, cols] |= _window_count(sc, first[i][:, cols] - reach, first[i][:, cols]) > 0
+            tail[i][:, cols] |= _window_count(sc, last[i][:, cols] + 1, last[i][:, cols] + 1 + reach) > 0
     closed = (head & tail) | ((head | tail) & (open_end | (length >= long_run * n_rows)))
     length = np.where(closed, length, 0).reshape(-1, w)  # (kinds x S, lines)
     k = np.argmax(length, axis=0)
     best = length[k, np.arange(w)]
     out = np.zeros((h, w), dtype=bool)
-    step, n_s = runs["step"], len(_SHEARS)
+    n_s = len(_SHEARS)
     first, last = first.reshape(-1, w), last.reshape(-1, w)
-    for i in np.flatnonzero(best >= max(min_run * n_rows, 10.0 / step)):
+    for i in np.flatnonzero(best >= shortest):
         y0, y1 = int(first[k[i], i]) * step, min(h, (int(last[k[i], i]) + 1) * step)
         cols = _sheared_columns((h, w), _SHEARS[k[i] % n_s])[y0:y1, i]
         keep = (cols >= 0) & (cols < w)
