@@ -217,7 +217,10 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
     cand[: max_d + 7] = True
     cand[w - max_d - 7:] = True
     sel = np.flatnonzero(cand)
-    flat, inside = flat_all[:, sel], inside_all[:, sel]  # (S, Wc, R)
+    if sel.size == w:  # (S, Wc, R)
+        flat, inside = flat_all, inside_all
+    else:
+        flat, inside = np.take(flat_all, sel, axis=1), np.take(inside_all, sel, axis=1)
     ok = inside & np.take(valid.ravel(), flat) if not valid.all() else inside
     n_ok = np.maximum(ok.sum(axis=2), 1)  # (S, Wc)
     v = np.take(g.ravel(), flat)
@@ -508,7 +511,6 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     if not valid.all():  # ... and in the valid region
         vs = np.take(np.pad(valid, ((0, 0), (pad, pad))).ravel(), index)
         ok &= vs[:, :, m - d: m - d + w] & vs[:, :, m + d: m + d + w]
-    okc = _cumsum0(ok)
     a1, a3, b1, b3 = at(d + 1), at(d + 3), at(-d - 1), at(-d - 3)
     diff = at(d) - at(-d)
     tol = np.maximum(flat_tol, 0.2 * np.abs(diff))
@@ -549,7 +551,7 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
             last[:, cols], first[:, cols] = e, f
             length[:, cols] = np.where(_window_count(cb, f, e + 1) >= min_cover * n, n, 0)
             # the frame or the valid region's border within reach beyond the run's end
-            okc_c = okc[:, :, cols]
+            okc_c = _cumsum0(ok[:, :, cols])  # (valid samples, on these lines only)
             head[:, cols] = (f < reach) | (_window_count(okc_c, f - reach, f) < reach)
             tail[:, cols] = (e >= n_rows - reach) | (_window_count(okc_c, e + 1, e + 1 + reach) < reach)
             if kind == 2 and ceiling is not None:  # a divider may run into a bright band along the frame:
