@@ -662,8 +662,10 @@ def _quadratic_fit(g: np.ndarray, weight: np.ndarray, max_samples: int = 2000) -
 def _smooth_background(g: np.ndarray, weight: np.ndarray, scale: float = 0.08) -> np.ndarray:
     """Slowly varying background surface from the ``weight`` pixels of ``g``.
 
-    A quadratic trend (heel effect, vignetting; it extrapolates into regions without background)
-    plus the normalised convolution ``G(r * w) / G(w)`` of the residual ``r`` (scatter glow and other
+    A quadratic trend (heel effect, vignetting), held beyond the background within the range it spans
+    over it (a quadratic fitted to air along one side only, glowing towards the skin, bends steeply
+    away from it: extrapolated, it rose to 0.35 across the frame and hid a darker limb there,
+    FracAtlas IMG0000873, Dice 0.911 -> 0.989), plus the normalised convolution ``G(r * w) / G(w)`` of the residual ``r`` (scatter glow and other
     local variation) with a Gaussian of ``scale`` x the long side; far from any background pixel the
     residual term fades to 0. Computed on a 4x box-reduced grid and mapped back bilinearly.
     """
@@ -676,6 +678,9 @@ def _smooth_background(g: np.ndarray, weight: np.ndarray, scale: float = 0.08) -
     u = ((np.arange(ws) + 0.5) * f / w - 0.5)[None, :]  # block centres
     v = ((np.arange(hs) + 0.5) * f / h - 0.5)[:, None]
     trend = (coef[0] + coef[1] * u + coef[2] * v + coef[3] * u * u + coef[4] * v * v + coef[5] * u * v)
+    seen = trend[wt > 0]
+    if seen.size:
+        trend = np.clip(trend, seen.min(), seen.max())
     sigma = max(1.0, scale * max(h, w) / f)
     num = ndi.gaussian_filter(gw - trend * wt, sigma, mode="nearest")  # residual sums (trend ~flat in a block)
     den = ndi.gaussian_filter(wt, sigma, mode="nearest")
