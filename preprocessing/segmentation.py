@@ -664,10 +664,11 @@ def _smooth_background(g: np.ndarray, weight: np.ndarray, scale: float = 0.08) -
 
     A quadratic trend (heel effect, vignetting), held beyond the background within the range it spans
     over it (a quadratic fitted to air along one side only, glowing towards the skin, bends steeply
-    away from it: extrapolated, it rose to 0.35 across the frame and hid a darker limb there,
-    FracAtlas IMG0000873, Dice 0.911 -> 0.989), plus the normalised convolution ``G(r * w) / G(w)`` of the residual ``r`` (scatter glow and other
-    local variation) with a Gaussian of ``scale`` x the long side; far from any background pixel the
-    residual term fades to 0. Computed on a 4x box-reduced grid and mapped back bilinearly.
+    away from it: extrapolated, it rose to 0.35 across the frame and hid a darker limb there, FracAtlas
+    IMG0000873, Dice 0.911 -> 0.989), plus the normalised convolution ``G(r * w) / G(w)`` of the
+    residual ``r`` (scatter glow and other local variation) with a Gaussian of ``scale`` x the long
+    side; far from any background pixel the residual term fades to 0. Computed on a 4x box-reduced grid
+    and mapped back bilinearly.
     """
     h, w = g.shape
     coef = _quadratic_fit(g, weight)
