@@ -651,9 +651,8 @@ def _quadratic_fit(g: np.ndarray, weight: np.ndarray, max_samples: int = 2000) -
     """Least-squares coefficients of ``a + b u + c v + d u^2 + e v^2 + f u v`` (``u, v`` in [-0.5, 0.5])
     of ``g`` over the ``weight`` pixels."""
     h, w = g.shape
-    yy, xx = np.nonzero(weight)
-    step = max(1, yy.size // max_samples)
-    yy, xx = yy[::step], xx[::step]
+    idx = np.flatnonzero(weight)
+    yy, xx = np.divmod(idx[:: max(1, idx.size // max_samples)], w)
     u, v = xx / w - 0.5, yy / h - 0.5
     a = np.stack([np.ones(u.size), u, v, u * u, v * v, u * v], axis=1)
     return np.linalg.lstsq(a, g[yy, xx].astype(np.float64), rcond=None)[0]
@@ -782,10 +781,11 @@ def _background_from(g: np.ndarray, field: np.ndarray, noise: float, peak: float
         if bg.sum() < max(30, 0.005 * field.sum()):
             return None
         surface = _smooth_background(g, bg)
-        resid = (g - surface)[bg]
+        d = g - surface
+        resid = d[bg]
         sigma = max(1.4826 * float(np.median(np.abs(resid - np.median(resid)))), 0.003)
         if it < iterations - 1:
-            bg = field & (np.abs(g - surface) <= max(3.0 * sigma, 0.03))
+            bg = field & (np.abs(d) <= max(3.0 * sigma, 0.03))
     if sigma > 4.0 * noise + 0.01:
         return None
     return surface, sigma, bg
