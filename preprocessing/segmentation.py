@@ -572,6 +572,7 @@ def _closed_lines(runs: dict[str, Any], shape: tuple[int, int], kinds: Sequence[
     the height; with ``open_end`` one end suffices (candidates). Per line the longest. (A run from the
     frame ending in the open is a limb's outline: a limb enters from the frame and ends in the image.)"""
     h, w = shape
+    kinds = list(kinds)  # fancy indexing: copies
     head, tail, length = runs["head"][kinds], runs["tail"][kinds], runs["length"][kinds]
     n_rows, reach, step = runs["cc"].shape[1], runs["reach"], runs["step"]
     shortest = max(min_run * n_rows, 10.0 / step)
@@ -582,10 +583,9 @@ def _closed_lines(runs: dict[str, Any], shape: tuple[int, int], kinds: Sequence[
         cols = np.flatnonzero((length >= shortest).any(axis=(0, 1)))
         near = _grow(stop, max(2, reach * step // 2))  # an edge may end a few px short of the other
         sc = _cumsum0(np.take(near.ravel(), runs["flat"][:, :, cols]) & runs["inside"][:, :, cols])
-        head, tail = head.copy(), tail.copy()
-        for i in range(len(kinds)):
-            head[i][:, cols] |= _window_count(sc, first[i][:, cols] - reach, first[i][:, cols]) > 0
-            tail[i][:, cols] |= _window_count(sc, last[i][:, cols] + 1, last[i][:, cols] + 1 + reach) > 0
+        f, e = first[:, :, cols], last[:, :, cols]  # (head, tail: copies, indexed by the list of kinds)
+        head[:, :, cols] |= np.stack([_window_count(sc, f[i] - reach, f[i]) > 0 for i in range(len(kinds))])
+        tail[:, :, cols] |= np.stack([_window_count(sc, e[i] + 1, e[i] + 1 + reach) > 0 for i in range(len(kinds))])
     closed = (head & tail) | ((head | tail) & (open_end | (length >= long_run * n_rows)))
     length = np.where(closed, length, 0).reshape(-1, w)  # (kinds x S, lines)
     k = np.argmax(length, axis=0)
