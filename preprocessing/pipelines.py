@@ -9,7 +9,8 @@ for DICOM, the UIDs; its trace makes the geometric steps invertible (``Compose.i
 ``mura``, ``folder``, ``dicom`` (Bozorgtabar et al. 2020, Sec. 3, MURA preprocessing):
 
 1. :class:`~preprocessing.readers.LoadRadiographd` (DICOM display transform, PNG/JPEG bit depth kept),
-   channel first; PNG/JPEG are read already shrunk (JPEG: DCT-domain scaling) to the working size;
+   channel first; PNG/JPEG and JPEG 2000 DICOM are read already shrunk towards the working size (JPEG:
+   DCT-domain scaling; JPEG 2000: a lower wavelet resolution level);
 2. :class:`~preprocessing.geometry.BoxDownsampled`: integer box downsampling so the long side stays
    ``>= max(oversample * size, 256)`` (default 1.25 x 512 = 640; a 2880x2304 file is handled at
    720x576), and
