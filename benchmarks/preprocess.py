@@ -14,8 +14,9 @@ Files: the full-resolution real radiographs of ``../shared/data`` (the 36 FracAt
 2. **Where the time goes**: median CPU ms of each pipeline step, and what the target leaves for the image
    analysis (carrier detection + segmentation) once decode, resampling and the writes are paid
    (:func:`budget`).
-3. **Throughput**: ``run_preprocess`` over the same files with 1 and 2 worker processes, images/s of
-   wall clock with the pool start included, and without it (measured apart).
+3. **Throughput**: ``run_preprocess`` over the same files (``--copies`` times each) with 1 and 2 worker
+   processes (``--workers``), images/s of wall clock with the pool start included, and without it (measured
+   apart).
 4. **Memory per worker**: peak resident memory (``ru_maxrss``) of a worker process of the pool after
    preprocessing the files (pipeline, imports and the largest image it held).
 """
@@ -139,6 +140,21 @@ def budget(ratios: pd.DataFrame, steps: pd.DataFrame, target: float = TARGET) ->
     return pd.DataFrame(rows)
 
 
+def _copies(files: list[tuple[str, Path]], n: int, folder: Path) -> list[tuple[str, Path]]:
+    """``n`` copies of every file under distinct names in ``folder`` (a longer run for many workers)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for k in range(n):
+        for group, path in files:
+            dst = folder / f"c{k}_{path.name}"
+            if not dst.exists():
+                shutil.copyfile(path, dst)
+            out.append((group, dst))
+    return out
+
+
 def _pool_start(workers: int, size: int, options: dict) -> float:
     """Seconds to start the worker pool of ``run_preprocess`` (imports + pipeline construction)."""
     from salad_med.data.preprocess_job import _start_pool
@@ -198,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-image", action="store_true", help="print every image's times")
     parser.add_argument("--without", nargs="*", default=[], choices=("carrier", "segment", "polarity"),
                         help="diagnostics: leave pipeline steps out")
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2],
+                        help="worker counts of the throughput runs (1 is always run: the baseline)")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="throughput runs preprocess this many copies of each file (more work per worker)")
     args = parser.parse_args(argv)
     if not (args.data / "msk_sample").is_dir():
         print(f"skipped: no sample data at {args.data}")
@@ -219,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         # pipeline once (seconds; paid once per run_preprocess call, however many images follow). Measured
         # apart, then every later pool forks from the warm server: the throughput below is the steady state
         # a long run sees (with the cold start inside, 47 images on 2 workers ran no faster than on one).
+        workers = sorted({1, *args.workers})
         cold = _pool_start(2, args.size, options)
-        start2 = _pool_start(2, args.size, options)
-        rates = {w: _throughput(files, w, args.size, out, options) for w in (1, 2)}
-        memory = {w: _memory(files, w, args.size, out, options) for w in (1, 2)}
+        starts = {w: _pool_start(w, args.size, options) for w in workers}
+        bulk = _copies(files, args.copies, out / "copies") if args.copies > 1 else files
+        rates = {w: _throughput(bulk, w, args.size, out, options) for w in workers}
+        memory = {w: _memory(files, w, args.size, out, options) for w in workers}
     print(f"{len(files)} full-resolution files, output {args.size}x{args.size}, one thread, "
           f"median of {args.repeats} interleaved rounds" + (f", WITHOUT {', '.join(args.without)}" if options else ""))
     if args.per_image:
@@ -245,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     for w, (rate, n, wall) in rates.items():
         line = f"  throughput with {w} worker(s): {rate:5.2f} images/s ({n} images in {wall:.1f} s wall"
         if w > 1:
-            line += (f"; {n / max(wall - start2, 1e-9):5.2f} images/s without the {start2:.1f} s pool start, "
-                     f"{rate / rates[1][0]:.2f}x one worker; the first pool of a run adds {cold - start2:.1f} s once "
-                     f"to start the forkserver")
+            line += (f"; {n / max(wall - starts[w], 1e-9):5.2f} images/s without the {starts[w]:.1f} s pool start, "
+                     f"{rate / rates[1][0]:.2f}x one worker; the first pool of a run adds {cold - starts[2]:.1f} s "
+                     f"once to start the forkserver")
         print(line + f"); peak memory per worker {memory[w]:.0f} MiB")
     ratio = float(df["ratio"].median())
     print(f"preprocessing / (decode + write) = {ratio:.2f} median of per-image ratios (target <= {TARGET})")
