@@ -112,13 +112,16 @@ def work_copy(image: np.ndarray, work_size: int, reduce: str = "mean") -> tuple[
     hs, ws = math.ceil(sub.shape[0] / block) * block, math.ceil(sub.shape[1] / block) * block
     if (hs, ws) != sub.shape:
         sub = np.pad(sub, ((0, hs - sub.shape[0]), (0, ws - sub.shape[1])), mode="edge")
-    # rows then columns (contiguous reductions: ~3x faster than one reduction over axes (1, 3))
-    if reduce == "max":
-        rows = sub.reshape(hs // block, block, ws).max(axis=1)
-        small = rows.reshape(hs // block, ws // block, block).max(axis=2)
-    else:
-        rows = sub.reshape(hs // block, block, ws).sum(axis=1, dtype=np.float32)
-        small = rows.reshape(hs // block, ws // block, block).sum(axis=2, dtype=np.float32)
+    # rows then columns, one strided slice per offset in the block: the same sums, in the same order, as
+    # reductions over reshaped axes, at half their cost (a reduction over a short axis is slow in numpy)
+    combine = np.maximum if reduce == "max" else np.add
+    rows = sub[0::block].copy()
+    for k in range(1, block):
+        combine(rows, sub[k::block], out=rows)
+    small = rows[:, 0::block].copy()
+    for k in range(1, block):
+        combine(small, rows[:, k::block], out=small)
+    if reduce != "max":
         small *= np.float32(1.0 / (block * block))
     factor = float(step * block)
     return small, factor, step * (block - 1) / 2.0
