@@ -490,3 +490,37 @@ def test_jpeg2000_dicom_pipeline_matches_its_uncompressed_twin(dicom_sample):
     assert a["image"].meta["carrier_found"] and b["image"].meta["carrier_found"]
     inv = pipe.inverse(b)
     assert inv["image"].shape == (1, 1760, 1760)
+
+
+# ------------------------------------------------------------------------------ decoding plugin per transfer syntax
+def test_fastest_decoding_plugin_is_asked_first_and_reset(dicom_sample, monkeypatch):
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import get_decoder
+
+    from preprocessing.readers import _pixels
+
+    asked = []
+    original = Dataset.pixel_array_options
+
+    def spy(self, **kwargs):
+        asked.append(kwargs.get("decoding_plugin"))
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(Dataset, "pixel_array_options", spy)
+    ds = pydicom.dcmread(dicom_sample / "RG2_JLSL.dcm")
+    if "pyjpegls" not in get_decoder(ds.file_meta.TransferSyntaxUID).available_plugins:
+        pytest.skip("pyjpegls is not installed")
+    arr = _pixels(ds)
+    assert asked == ["pyjpegls", ""]  # JPEG-LS: pyjpegls, then the dataset's options are reset
+    ref = pydicom.dcmread(dicom_sample / "RG2_JLSL.dcm")
+    original(ref, decoding_plugin="pylibjpeg")
+    np.testing.assert_array_equal(arr, ref.pixel_array)  # lossless: the same pixels from every plugin
+
+
+def test_a_failing_preferred_plugin_falls_back_to_the_others(dicom_sample, monkeypatch):
+    import preprocessing.readers as readers
+
+    ds = pydicom.dcmread(dicom_sample / "RG2_JPLY_fixed.dcm")  # 12-bit JPEG: Pillow cannot decode it
+    monkeypatch.setitem(readers._PREFERRED_PLUGINS, str(ds.file_meta.TransferSyntaxUID), ("pillow",))
+    arr = readers._pixels(ds)
+    np.testing.assert_array_equal(arr, pydicom.dcmread(dicom_sample / "RG2_JPLY_fixed.dcm").pixel_array)
