@@ -101,28 +101,52 @@ def _flat_bright(g: np.ndarray, valid: np.ndarray, t: float, min_area: float, gr
     Collimator shutters and the strip beyond a detector edge are bright, flat and run along a whole
     side; saturated anatomy (a dense abdomen clipped to white) is flat and bright too, but is not a
     band, so the region must span >= 60 % of the frame side it lies along, lie along it (not just
-    touch it with one end, as a long bone does) and fill >= 50 % of its bounding box. The result is grown by ``grow`` px into the band's bright ramp (penumbra).
+    touch it with one end, as a long bone does) and fill >= 50 % of its bounding box. A band that the
+    body touches may run into flat saturated bone there (a spine against the shutter, RG2_JPLL): when a
+    region spanning the side fails the fill test, its part made of straight runs along the side (>= 30 %
+    of the side long; bone patches are shorter) is tested instead. The result is grown by ``grow`` px
+    into the band's bright ramp (penumbra).
     """
     rng = local_range(g, 5)
     flat = (rng < 0.04) & (g >= t) & valid
     if not flat.any():
         return flat
-    lab, n = ndi.label(flat)
     edge = _edge_of(valid)
+    h, w = g.shape
+    out, leaked = _border_bands(flat, edge, min_area)
+    for sl, vertical in leaked:  # the straight part along the side of a region that leaked into anatomy
+        length = max(3, int(0.3 * (h if vertical else w)))
+        sub = flat[sl].view(np.uint8)
+        core = ndi.maximum_filter1d(ndi.minimum_filter1d(sub, length, axis=0 if vertical else 1),
+                                    length, axis=0 if vertical else 1).astype(bool)
+        if core.any():
+            whole = np.zeros_like(flat)
+            whole[sl] = core
+            out |= _border_bands(whole, edge, min_area)[0]
+    return _grow(out, grow) & (g >= 0.5 * t) if out.any() else out  # + its ramp
+
+
+def _border_bands(flat: np.ndarray, edge: np.ndarray, min_area: float) -> tuple[np.ndarray, list]:
+    """The band-shaped regions of ``flat`` along ``edge`` (see :func:`_flat_bright`), and the bounding box and
+    orientation (``True``: along a left/right side) of each region that spans a side but fails the fill test."""
+    lab, n = ndi.label(flat)
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
     touching = np.zeros(n + 1, dtype=bool)
     touching[lab[edge & flat]] = True
     contact = np.bincount(lab[edge & flat], minlength=n + 1)  # length along the frame / carrier border
     keep = np.zeros(n + 1, dtype=bool)
-    h, w = g.shape
+    leaked = []
+    h, w = flat.shape
     for i, sl in enumerate(ndi.find_objects(lab), start=1):
         if sl is None or not touching[i] or sizes[i] < min_area:
             continue
         bh, bw = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
-        keep[i] = (max(bh / h, bw / w) >= 0.6 and sizes[i] >= 0.5 * bh * bw
-                   and contact[i] >= max(bh, bw))  # lies along the border (the 2-px edge band)
-    out = keep[lab]
-    return _grow(out, grow) & (g >= 0.5 * t) if out.any() else out  # + its ramp
+        spans = max(bh / h, bw / w) >= 0.6
+        along = contact[i] >= max(bh, bw)  # lies along the border (the 2-px edge band)
+        keep[i] = spans and along and sizes[i] >= 0.5 * bh * bw
+        if spans and along and not keep[i]:
+            leaked.append((sl, bh / h >= bw / w))
+    return keep[lab], leaked
 
 
 _CORE_TOL, _CORE_AGREE = 0.08, 0.7  # a divider's white core: bright samples agree (casts, bones vary)
