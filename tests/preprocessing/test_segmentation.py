@@ -158,3 +158,14 @@ def test_small_mura_phantoms_through_the_mura_pipeline(tmp_path):
     scores = pd.Series(scores, index=truth["image_id"])
     # measured: mean 0.826, min 0.536 (a forearm at 96 x 80); before the fix two 0.00 and a 0.34
     assert scores.min() >= 0.5 and scores.mean() >= 0.8, scores.round(3).to_dict()
+
+
+def test_unit_histogram_counts_as_numpy_does():
+    from preprocessing.segmentation import _unit_histogram
+
+    rng = np.random.default_rng(0)
+    edges = np.array([0.0, 1.0, 0.5, 1 / 128, 127 / 128, np.nextafter(1 / 128, 0), np.nan, -0.1, 1.00001])
+    for v in (rng.random(10000), np.round(rng.random(3000) * 128) / 128, edges):
+        for dtype in (np.float32, np.float64):
+            x = v.astype(dtype)
+            np.testing.assert_array_equal(_unit_histogram(x, 128), np.histogram(x, bins=128, range=(0.0, 1.0))[0])
