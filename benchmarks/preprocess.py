@@ -55,7 +55,7 @@ def _decode_floor(path: Path, fastest: bool = False) -> np.ndarray:
 
     DICOM: pydicom's ``pixel_array`` through pylibjpeg (the issue's floor; pydicom's own choice would change
     with what is installed, e.g. GDCM first), or with ``fastest`` through the fastest installed plugin the
-    reader picks for the transfer syntax (:func:`preprocessing.readers._pixels`).
+    reader picks for the transfer syntax (:func:`preprocessing.readers.decode_dicom_pixels`).
     """
     from PIL import Image
 
@@ -65,11 +65,11 @@ def _decode_floor(path: Path, fastest: bool = False) -> np.ndarray:
         import pydicom
         from pydicom.pixels import get_decoder
 
-        from preprocessing.readers import _pixels
+        from preprocessing.readers import decode_dicom_pixels
 
         ds = pydicom.dcmread(path)
         if fastest:
-            return _pixels(ds)
+            return decode_dicom_pixels(ds)
         tsyntax = ds.file_meta.TransferSyntaxUID
         if tsyntax.is_compressed and "pylibjpeg" in get_decoder(tsyntax).available_plugins:
             ds.pixel_array_options(decoding_plugin="pylibjpeg")

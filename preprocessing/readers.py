@@ -63,6 +63,7 @@ __all__ = [
     "read_radiograph",
     "sniff_format",
     "dicom_display",
+    "decode_dicom_pixels",
     "MIN_IMAGE_SIDE",
 ]
 
@@ -513,7 +514,7 @@ class RadiographDicomReader(ImageReader):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                arr = _pixels(ds)
+                arr = decode_dicom_pixels(ds)
         except Exception as err:  # noqa: BLE001 - decoder plugins raise anything; report it in words
             detail = " ".join(str(err).split(" - ")[0].split())[:160] or type(err).__name__
             low = detail.lower()
@@ -568,9 +569,10 @@ _PREFERRED_PLUGINS = {
 }
 
 
-def _pixels(ds: Any) -> np.ndarray:
-    """``ds.pixel_array`` with the fastest installed plugin of :data:`_PREFERRED_PLUGINS` for its transfer
-    syntax; when that plugin fails on the file, pydicom's other plugins are tried as usual."""
+def decode_dicom_pixels(ds: Any) -> np.ndarray:
+    """The stored pixel values of ``ds``: ``ds.pixel_array`` with the fastest installed plugin of
+    :data:`_PREFERRED_PLUGINS` for its transfer syntax; when that plugin fails on the file, pydicom's other
+    plugins are tried as usual. The dataset's decoding options are left as they were (all plugins)."""
     from pydicom.pixels import get_decoder
 
     tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")

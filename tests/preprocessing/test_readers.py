@@ -497,7 +497,7 @@ def test_fastest_decoding_plugin_is_asked_first_and_reset(dicom_sample, monkeypa
     from pydicom.dataset import Dataset
     from pydicom.pixels import get_decoder
 
-    from preprocessing.readers import _pixels
+    from preprocessing.readers import decode_dicom_pixels
 
     asked = []
     original = Dataset.pixel_array_options
@@ -510,7 +510,7 @@ def test_fastest_decoding_plugin_is_asked_first_and_reset(dicom_sample, monkeypa
     ds = pydicom.dcmread(dicom_sample / "RG2_JLSL.dcm")
     if "pyjpegls" not in get_decoder(ds.file_meta.TransferSyntaxUID).available_plugins:
         pytest.skip("pyjpegls is not installed")
-    arr = _pixels(ds)
+    arr = decode_dicom_pixels(ds)
     assert asked == ["pyjpegls", ""]  # JPEG-LS: pyjpegls, then the dataset's options are reset
     ref = pydicom.dcmread(dicom_sample / "RG2_JLSL.dcm")
     original(ref, decoding_plugin="pylibjpeg")
@@ -522,5 +522,5 @@ def test_a_failing_preferred_plugin_falls_back_to_the_others(dicom_sample, monke
 
     ds = pydicom.dcmread(dicom_sample / "RG2_JPLY_fixed.dcm")  # 12-bit JPEG: Pillow cannot decode it
     monkeypatch.setitem(readers._PREFERRED_PLUGINS, str(ds.file_meta.TransferSyntaxUID), ("pillow",))
-    arr = readers._pixels(ds)
+    arr = readers.decode_dicom_pixels(ds)
     np.testing.assert_array_equal(arr, pydicom.dcmread(dicom_sample / "RG2_JPLY_fixed.dcm").pixel_array)
