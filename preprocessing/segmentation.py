@@ -743,6 +743,7 @@ def _unit_histogram(v: np.ndarray, bins: int) -> np.ndarray:
     """``np.histogram(v, bins, range=(0, 1))[0]`` for a power-of-two ``bins``, 5x faster: ``v * bins`` is
     exact in binary floating point, so its integer part is the bin numpy finds (1.0 in the last bin;
     values outside [0, 1] and NaN are left out, as numpy does)."""
+    v = np.ravel(v)
     inside = (v >= 0.0) & (v <= 1.0)
     if not inside.all():
         v = v[inside]

@@ -169,3 +169,5 @@ def test_unit_histogram_counts_as_numpy_does():
         for dtype in (np.float32, np.float64):
             x = v.astype(dtype)
             np.testing.assert_array_equal(_unit_histogram(x, 128), np.histogram(x, bins=128, range=(0.0, 1.0))[0])
+    square = rng.random((30, 40))  # any shape, flattened as numpy does
+    np.testing.assert_array_equal(_unit_histogram(square, 128), np.histogram(square, bins=128, range=(0.0, 1.0))[0])
