@@ -71,6 +71,7 @@ from skimage import filters
 
 from preprocessing.carrier import (
     CarrierResult,
+    block_reduce,
     detect_carrier,
     finite,
     line_fit_rows,
@@ -720,8 +721,7 @@ def _block_sums(a: np.ndarray, f: int) -> np.ndarray:
     hs, ws = -(-h // f), -(-w // f)
     if (hs * f, ws * f) != (h, w):
         a = np.pad(a, ((0, hs * f - h), (0, ws * f - w)))
-    rows = a.reshape(hs, f, ws * f).sum(axis=1)
-    return rows.reshape(hs, ws, f).sum(axis=2)
+    return block_reduce(a, f)
 
 
 @functools.lru_cache(maxsize=8)

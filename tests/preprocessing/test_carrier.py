@@ -287,3 +287,15 @@ def test_bilinear_sampling_equals_scipy_map_coordinates_with_replicated_edges(sh
     # on the pixel grid the samples are the pixels themselves
     iy, ix = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
     np.testing.assert_array_equal(_bilinear(img, iy.ravel().astype(float), ix.ravel().astype(float)), img.ravel())
+
+
+@pytest.mark.parametrize("block", [2, 3, 4])
+def test_block_reduce_equals_reductions_over_reshaped_axes(block):
+    from preprocessing.carrier import block_reduce
+
+    a = np.random.default_rng(block).random((12 * block, 7 * block)).astype(np.float32)
+    blocks = a.reshape(12, block, 7, block)
+    # sums of block x block float32 values: equal to float32 rounding (the summation order may differ by
+    # platform); maxima: exact
+    np.testing.assert_allclose(block_reduce(a, block), blocks.sum(axis=(1, 3), dtype=np.float64), rtol=1e-6)
+    np.testing.assert_array_equal(block_reduce(a, block, np.maximum), blocks.max(axis=(1, 3)))
