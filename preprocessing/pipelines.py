@@ -66,6 +66,7 @@ PIPELINE_OPTIONS: dict[str, Any] = {
     "segment": True,
     "apply_mask": False,
     "oversample": 1.25,
+    "exact_jpeg": False,
 }
 #: Smallest working long side: carrier detection and segmentation are tuned on a 256-px work copy; below
 #: it (outputs under ~205 px) they would see too few pixels (measured: 1 of 300 FracAtlas radiographs
@@ -180,8 +181,9 @@ def get_pipeline(dataset: str, size: int | None = None, **options: Any) -> Compo
         size: output side ``S`` (default per dataset: 512, NIH 256).
         **options: ``reader`` (``auto``/``pydicom``/``sitk``/``pil``), ``apply_voi``,
             ``low_percentile``, ``high_percentile``, ``fix_polarity``, ``detect_carrier``,
-            ``segment``, ``apply_mask`` (the ``PreprocessConfig`` fields) and ``oversample``
-            (working resolution, ``>= 1`` times ``S``, default 1.25).
+            ``segment``, ``apply_mask``, ``exact_jpeg`` (the ``PreprocessConfig`` fields; ``exact_jpeg``
+            decodes every scan of a progressive JPEG, see :func:`preprocessing.readers._jpeg_low_scans`)
+            and ``oversample`` (working resolution, ``>= 1`` times ``S``, default 1.25).
 
     Returns:
         ``Compose`` mapping ``{"image": path, ...}`` to ``{"image": (1, S, S) float32 [0, 1],
@@ -202,7 +204,8 @@ def get_pipeline(dataset: str, size: int | None = None, **options: Any) -> Compo
     # working resolution: long side >= oversample * size, and never below MIN_WORK_SIDE
     work = max(math.ceil(o["oversample"] * size), MIN_WORK_SIDE)
     steps: list[Any] = [
-        LoadRadiographd(keys="image", reader=o["reader"], apply_voi=o["apply_voi"], reduce_to=work),
+        LoadRadiographd(keys="image", reader=o["reader"], apply_voi=o["apply_voi"], reduce_to=work,
+                        low_scans=not o["exact_jpeg"]),
         # "mask" does not exist yet; listing it lets Compose.inverse map the mask back too
         BoxDownsampled(keys=("image", "mask"), min_size=work, mode=("area", "nearest"), allow_missing_keys=True),
     ]

@@ -93,6 +93,8 @@ class PreprocessConfig:
     detect_carrier: bool = _field(True, help="find and crop the X-ray carrier")
     segment: bool = _field(True, help="hysteresis body-part segmentation")
     apply_mask: bool = _field(False, help="multiply the output image by the body-part mask")
+    exact_jpeg: bool = _field(False, help="decode every scan of progressive JPEGs (default: only the first "
+                              "scans a 1/4-1/8 scale read needs, ~3x faster, within ~0.5 grey levels)")
 
 
 @dataclass
