@@ -77,6 +77,7 @@ from preprocessing.carrier import (
     line_fit_rows,
     local_range,
     masked_median,
+    median,
     plane_2d,
     polygon_mask,
     robust_line,
@@ -193,6 +194,21 @@ def _shear_index(h: int, w: int, step: int, m: int) -> tuple[int, np.ndarray]:
     index = rows * (w + 2 * pad) + j
     index.flags.writeable = False
     return pad, index
+
+
+@functools.lru_cache(maxsize=16)
+def _edge_grid(h: int, w: int, d: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The samples of :func:`_edge_runs` (every k-th of :func:`_line_samples`, ~100 along a line): row step,
+    ``(S, R, W)`` columns, in-frame flags, both sides ``d`` px away in the frame, and flat indices into a
+    C-ordered ``(h, w)`` image (cached per shape; read-only)."""
+    step, cc, inside = _line_samples(h, w)
+    k = max(1, round(cc.shape[1] / 100))
+    cc, inside, step = cc[:, ::k], inside[:, ::k], step * k
+    ok = inside & (cc >= d + 3) & (cc < w - d - 3)
+    flat = np.arange(0, h, step, dtype=np.intp)[None, :, None] * w + cc
+    for a in (ok, flat):
+        a.flags.writeable = False
+    return step, cc, inside, ok, flat
 
 
 def _sheared_columns(shape: tuple[int, int], shear: float) -> np.ndarray:
@@ -518,9 +534,7 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
         straight step: limbs run into it, FracAtlas IMG0002598).
     """
     h, w = g.shape
-    step, cc, inside = _line_samples(h, w)  # (S, R, W)
-    k = max(1, round(cc.shape[1] / 100))  # ~100 samples along a line are enough
-    cc, inside, step = cc[:, ::k], inside[:, ::k], step * k
+    step, cc, inside, ok_frame, flat_index = _edge_grid(h, w, d)  # (S, R, W)
     n_rows = cc.shape[1]
     gap, reach = max(3, int(gap * n_rows)), max(2, int(reach * n_rows))
     # each tilt is a shift per row: shear the (padded) image once, then every offset is a slice
@@ -532,10 +546,10 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     def at(o: int) -> np.ndarray:
         return sheared[:, :, m + o: m + o + w]
 
-    ok = inside & (cc >= d + 3) & (cc < w - d - 3)  # both sides d px away in the frame ...
+    ok = ok_frame  # both sides d px away in the frame ...
     if not valid.all():  # ... and in the valid region
         vs = np.take(np.pad(valid, ((0, 0), (pad, pad))).ravel(), index)
-        ok &= vs[:, :, m - d: m - d + w] & vs[:, :, m + d: m + d + w]
+        ok = ok & vs[:, :, m - d: m - d + w] & vs[:, :, m + d: m + d + w]
     a1, a3, b1, b3 = at(d + 1), at(d + 3), at(-d - 1), at(-d - 3)
     diff = at(d) - at(-d)
     tol = np.maximum(flat_tol, 0.2 * np.abs(diff))
@@ -543,23 +557,30 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     kinds = [flat & (diff >= min_step), flat & (diff <= -min_step)]
     # a divider's core, 1 to 8 px wide (a wedge) and flanked by grey penumbra strips: above both sides
     centre = at(0)
-    ridge = ok & (np.maximum(centre - np.maximum(a1, b1), centre - np.maximum(a3, b3)) >= min_step)
+    # (centre - min(..) is exactly the larger of the two differences: rounded subtraction is monotone)
+    ridge = ok & (centre - np.minimum(np.maximum(a1, b1), np.maximum(a3, b3)) >= min_step)
     need = int(_MIN_RUN * min_cover * n_rows)  # the shortest run kept shows the edge on this many samples
-    if ceiling is None or not (ridge.sum(axis=1) >= need).any():  # (no line can hold a ridge run)
+    can_run = np.count_nonzero(ridge, axis=1) >= need  # (S, W) lines that can hold a ridge run
+    if ceiling is None or not can_run.any():
         ridge[:] = False
-    else:
-        span = flank - d  # offsets d + 1 .. flank on either side: one running minimum, then slices
-        low = ndi.minimum_filter1d(sheared, span, axis=2) <= ceiling  # low[i]: min over [i - span // 2, + span)
-        right, left = m + d + 1 + span // 2, m - flank + span // 2
-        ridge &= low[:, :, right: right + w] & low[:, :, left: left + w]
+    else:  # down to the background within offsets d + 1 .. flank on either side: the least of those samples,
+        # at the ridge samples of lines that can hold a run only (the others' never count)
+        ridge &= can_run[:, None, :]
+        at_ridge = np.flatnonzero(ridge)
+        si_ri, xi = np.divmod(at_ridge, w)
+        base = si_ri * sheared.shape[2] + m + xi  # the sample's own place in sheared.ravel()
+        span = np.arange(d + 1, flank + 1)
+        flat_sh = sheared.ravel()
+        right = np.take(flat_sh, base[:, None] + span[None, :]).min(axis=1)
+        left = np.take(flat_sh, base[:, None] - span[None, :]).min(axis=1)
+        ridge.ravel()[at_ridge] = (right <= ceiling) & (left <= ceiling)
     kinds.append(ridge)
-    flat = np.arange(0, h, step, dtype=np.intp)[None, :, None] * w + cc  # (S, R, W) into g.ravel()
-    out: dict[str, Any] = {"step": step, "cc": cc, "flat": flat, "inside": inside, "reach": reach}
+    out: dict[str, Any] = {"step": step, "cc": cc, "flat": flat_index, "inside": inside, "reach": reach}
     res = {k: [] for k in ("first", "last", "length", "head", "tail")}
     for kind, b in enumerate(kinds):
         first, last, length = (np.zeros((cc.shape[0], w), dtype=np.intp) for _ in range(3))
         head, tail = np.zeros((cc.shape[0], w), dtype=bool), np.zeros((cc.shape[0], w), dtype=bool)
-        cols = np.flatnonzero((b.sum(axis=1) >= need).any(axis=0))  # only lines that can hold a run
+        cols = np.flatnonzero((np.count_nonzero(b, axis=1) >= need).any(axis=0))  # only lines that can hold a run
         if cols.size:
             b = b[:, :, cols]
             cb = _cumsum0(b)
@@ -772,9 +793,9 @@ def _dark_peaks(v: np.ndarray, min_mass: float = 0.03) -> list[float]:
     if not peaks.size:
         return []
     darkest = centre[peaks[0]]  # the darkest always counts
-    median = float(np.median(v))
-    below = peaks[(peaks == peaks[0]) | (centre[peaks] <= median)]
-    near = peaks[(peaks == peaks[0]) | ((centre[peaks] <= median) & (centre[peaks] <= darkest + 0.12))]
+    mid = median(v)
+    below = peaks[(peaks == peaks[0]) | (centre[peaks] <= mid)]
+    near = peaks[(peaks == peaks[0]) | ((centre[peaks] <= mid) & (centre[peaks] <= darkest + 0.12))]
     first, second = (float(centre[c[np.argmax(mass[c])]]) for c in (below, near))
     return [first] if second == first else [first, second]
 
@@ -822,7 +843,7 @@ def _background_from(g: np.ndarray, field: np.ndarray, noise: float, peak: float
         surface = _smooth_background(g, bg)
         d = g - surface
         resid = d[bg]
-        sigma = max(1.4826 * float(np.median(np.abs(resid - np.median(resid)))), 0.003)
+        sigma = max(1.4826 * median(np.abs(resid - median(resid))), 0.003)
         if it < iterations - 1:
             bg = field & (np.abs(d) <= max(3.0 * sigma, 0.03))
     if sigma > 4.0 * noise + 0.01:
@@ -949,7 +970,7 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, openin
         valid = valid & ~bands
     mask = np.zeros(g.shape, dtype=bool)
     contrast = np.full(g.shape, -1.0, dtype=np.float32)
-    noise = max(1.4826 * float(np.median(np.abs(g - ndi.uniform_filter(g, 3))[valid])), 0.003)  # pixel noise
+    noise = max(1.4826 * median(np.abs(g - ndi.uniform_filter(g, 3))[valid]), 0.003)  # pixel noise
     cuts, ridges = _step_cuts(g, valid, ceiling=peaks[-1] + 0.07 if peaks else None)
     if ridges.any() and peaks:  # a divider's white core and its penumbra strips: not part of either field
         cuts |= _grow(ridges, 4) & (g >= peaks[-1] + 0.03)
