@@ -457,6 +457,14 @@ def _median(v: np.ndarray) -> float:
     return float(np.partition(a, k)[k])
 
 
+def count_true(b: np.ndarray, axis: int) -> np.ndarray:
+    """``b.sum(axis)`` of a bool array as ``intp`` counts, 2-3x faster: the bytes summed in 16 bits (exact
+    while the axis is shorter than 65536; numpy's bool sum converts each element to int64 first)."""
+    if b.shape[axis] >= 65536:
+        return b.sum(axis=axis)
+    return b.view(np.uint8).sum(axis=axis, dtype=np.uint16).astype(np.intp)
+
+
 def median(v: np.ndarray) -> float:
     """``float(np.median(v))`` exactly (the mean of the two middle elements for even sizes, in ``v``'s
     dtype), ~1.5x faster on large arrays: one selection and a max instead of numpy's three selections

@@ -72,6 +72,7 @@ from skimage import filters
 from preprocessing.carrier import (
     CarrierResult,
     block_reduce,
+    count_true,
     detect_carrier,
     finite,
     line_fit_rows,
@@ -263,7 +264,8 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
     else:
         flat, inside = np.take(flat_all, sel, axis=1), np.take(inside_all, sel, axis=1)
     ok = inside & np.take(valid.ravel(), flat) if not valid.all() else inside
-    n_ok = np.maximum(ok.sum(axis=2), 1)  # (S, Wc)
+    n_valid = count_true(ok, 2)  # (S, Wc)
+    n_ok = np.maximum(n_valid, 1)
     v = np.take(g.ravel(), flat)
     k = n_rows // 2
     n_s = len(_SHEARS)
@@ -273,12 +275,12 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
     med = np.partition(np.where(ok, v, -1.0), k, axis=2)[:, :, k]  # invalid samples sort first (few)
     meds[:, sel] = med
     near = ok & (np.abs(v - med[:, :, None]) <= tol)  # samples within tol of the line's median
-    uni[:, sel] = near.sum(axis=2) / n_ok
-    spans[:, sel] = ok.sum(axis=2) / float(n_rows)
+    uni[:, sel] = count_true(near, 2) / n_ok
+    spans[:, sel] = n_valid / float(n_rows)
     end = max(2, n_rows // 16)  # a band runs from frame to frame: no background at either end
     reaches[:, sel] = (v[:, :, :end].mean(axis=2) > ceiling) & (v[:, :, -end:].mean(axis=2) > ceiling)
     lit = ok & (v >= bright_level)  # = ok & bright at the samples
-    n_lit = lit.sum(axis=2)
+    n_lit = count_true(lit, 2)
     ratio = n_lit / n_ok
     # the bright samples agree (a cast or a bone varies along its length); only a line bright on
     # >= min_bright of it can be a core, so only those are checked (the others' value never matters)
@@ -313,7 +315,7 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
         n_dim = n_ok - n_lit
         uni_dim = uni.copy()
         uni_dim[:, sel] = np.maximum(uni[:, sel], np.where(
-            n_dim >= 0.5 * n_ok, (near & ~lit).sum(axis=2) / np.maximum(n_dim, 1), 0.0))
+            n_dim >= 0.5 * n_ok, count_true(near & ~lit, 2) / np.maximum(n_dim, 1), 0.0))
         best_dim = np.argmax(uni_dim - 0.01 * np.abs(np.asarray(_SHEARS))[:, None], axis=0)
         by_core = (uni_dim[best_dim, at], meds[best_dim, at], spans[best_dim, at])
 
@@ -560,7 +562,7 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     # (centre - min(..) is exactly the larger of the two differences: rounded subtraction is monotone)
     ridge = ok & (centre - np.minimum(np.maximum(a1, b1), np.maximum(a3, b3)) >= min_step)
     need = int(_MIN_RUN * min_cover * n_rows)  # the shortest run kept shows the edge on this many samples
-    can_run = np.count_nonzero(ridge, axis=1) >= need  # (S, W) lines that can hold a ridge run
+    can_run = count_true(ridge, 1) >= need  # (S, W) lines that can hold a ridge run
     if ceiling is None or not can_run.any():
         ridge[:] = False
     else:  # down to the background within offsets d + 1 .. flank on either side: the least of those samples,
@@ -580,7 +582,7 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     for kind, b in enumerate(kinds):
         first, last, length = (np.zeros((cc.shape[0], w), dtype=np.intp) for _ in range(3))
         head, tail = np.zeros((cc.shape[0], w), dtype=bool), np.zeros((cc.shape[0], w), dtype=bool)
-        cols = np.flatnonzero((np.count_nonzero(b, axis=1) >= need).any(axis=0))  # only lines that can hold a run
+        cols = np.flatnonzero((count_true(b, 1) >= need).any(axis=0))  # only lines that can hold a run
         if cols.size:
             b = b[:, :, cols]
             cb = _cumsum0(b)
