@@ -197,7 +197,7 @@ def _shear_index(h: int, w: int, step: int, m: int) -> tuple[int, np.ndarray]:
     return pad, index
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=8)
 def _edge_grid(h: int, w: int, d: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The samples of :func:`_edge_runs` (every k-th of :func:`_line_samples`, ~100 along a line): row step,
     ``(S, R, W)`` columns, in-frame flags, both sides ``d`` px away in the frame, and flat indices into a
