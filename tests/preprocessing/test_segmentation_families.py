@@ -369,3 +369,47 @@ def test_shutter_band_running_into_saturated_bone_is_not_body(part):
     mask = _segment_image(x)
     assert (mask & band).sum() <= 0.01 * band.sum(), (mask & band).sum() / band.sum()
     assert _dice(mask, body) >= 0.95, _dice(mask, body)
+
+
+def _electronic_shutter(part: str, seed: int, gap: float = 0.12, tilt: float = 0.02, level: float = 0.15,
+                        texture_amp: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A collimated field behind an electronic shutter (FracAtlas IMG0000007): everything left of a straight,
+    slightly tilted edge ``gap`` of the width before the limb is black (0, noise-free); the field's display
+    is lifted well above it (its air at 0.12-0.15, a gradient along the side), and textured soft tissue
+    (``level`` above the air) fills the field beside the limb up to the frame, so the field's only air is
+    the strip between the shutter and the limb.
+
+    Returns:
+        ``(image (H, W) in [0, 1], body (H, W) bool: limb and soft tissue, air strip (H, W) bool)``.
+    """
+    from scipy import ndimage as ndi
+
+    ph = make_phantom(PhantomSpec(height=384, width=320, body_part=part, carrier=None, markers=False), seed)
+    x = _normalize(ph.display())
+    h, w = x.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cols = np.flatnonzero(ph.body_mask.any(axis=0))
+    shutter = xx < cols[0] - gap * w + tilt * (yy - h / 2)
+    far = (xx > cols[-1] - 0.1 * w) & ~ph.body_mask
+    texture = ndi.gaussian_filter(np.random.default_rng(seed).normal(0.0, 1.0, (h, w)), 3).astype(np.float32)
+    texture /= texture.std()
+    lift = 0.12 + 0.03 * (1 - yy / h)
+    x = np.where(far, lift + level + texture_amp * texture, lift + 0.8 * x)
+    x = np.where(shutter, 0.0, x)
+    body = (ph.body_mask | far) & ~shutter
+    return np.clip(x, 0.0, 1.0).astype(np.float32), body, ~(body | shutter)
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_air_between_an_electronic_shutter_and_the_limb_is_not_body(part):
+    """An electronic shutter (black, noise-free, straight edge) took the darkest grey level, so the whole
+    field, its own air included, was body; with the shutter recognised, the field's air along its edge is
+    left out even where the field has no background of its own (textured soft tissue fills the rest). The
+    carrier detector is left out, as on IMG0000007, whose ragged shutter edge it does not take as a carrier
+    side. Measured before (seed 1; forearm, hand, wrist, elbow): 0.94 / 0.07 / 0.95 / 0.05 of the air kept,
+    Dice 0.896 / 0.957 / 0.879 / 0.953 (hand and elbow: air reaches the frame elsewhere); after 0.03 / 0.07
+    / 0.03 / 0.05, Dice 0.996 / 0.957 / 0.996 / 0.956."""
+    x, body, air = _electronic_shutter(part, 1)
+    mask = segment_body_part(x, carrier=False)
+    assert (mask & air).sum() <= 0.12 * air.sum(), (mask & air).sum() / air.sum()
+    assert _dice(mask, body) >= 0.94, _dice(mask, body)
