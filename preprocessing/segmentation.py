@@ -68,7 +68,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_data_type, convert_to_dst_type
 from scipy import ndimage as ndi
 from skimage import filters
-from skimage.transform import hough_line, hough_line_peaks
+from skimage.transform import hough_line
 
 from preprocessing.carrier import (
     CarrierResult,
@@ -996,6 +996,23 @@ def _exposure_fields(valid: np.ndarray, min_fraction: float = 0.04) -> list[np.n
     return [lab == i for i in np.flatnonzero(sizes >= min_fraction * valid.sum())]
 
 
+def _two_hough_peaks(acc: np.ndarray, angles: np.ndarray, dists: np.ndarray, min_distance: int = 9,
+                     min_angle: int = 10, threshold: float = 0.5) -> tuple[list[float], list[float]]:
+    """The strongest line of a Hough accumulator ``acc (distances, angles)`` and the strongest one at least
+    ``min_distance`` distance bins or ``min_angle`` angle bins from it, if it holds >= ``threshold`` of
+    the first's votes: ``(angles, distances)`` of one or two lines (as ``skimage.transform.hough_line_peaks``
+    with ``num_peaks=2`` picks them, by two arg-maxima instead of its peak search: 0.1 instead of 4 ms)."""
+    i, j = np.unravel_index(int(np.argmax(acc)), acc.shape)
+    out_a, out_d = [float(angles[j])], [float(dists[i])]
+    rest = acc.copy()
+    rest[max(0, i - min_distance + 1): i + min_distance, max(0, j - min_angle + 1): j + min_angle] = 0
+    i2, j2 = np.unravel_index(int(np.argmax(rest)), rest.shape)
+    if rest[i2, j2] > 0 and rest[i2, j2] >= threshold * acc[i, j]:
+        out_a.append(float(angles[j2]))
+        out_d.append(float(dists[i2]))
+    return out_a, out_d
+
+
 def _dark_shutter(g: np.ndarray, valid: np.ndarray, level: float, tol: float = 0.03, min_fraction: float = 0.1,
                   min_inliers: float = 0.8, line_tol: float = 1.5) -> np.ndarray | None:
     """An electronic (digital) shutter: the black exterior of a collimated field, or ``None``.
@@ -1026,7 +1043,7 @@ def _dark_shutter(g: np.ndarray, valid: np.ndarray, level: float, tol: float = 0
     if border.sum() < 0.5 * min(g.shape):  # too short to tell a straight edge
         return None
     acc, angles, dists = hough_line(border, theta=np.linspace(-np.pi / 2, np.pi / 2, 360, endpoint=False))
-    _, angle, dist = hough_line_peaks(acc, angles, dists, num_peaks=2, min_distance=9, min_angle=10)
+    angle, dist = _two_hough_peaks(acc, angles, dists)
     yy, xx = np.nonzero(border)
     off = np.full(yy.size, np.inf)
     for a, d in zip(angle, dist, strict=True):
