@@ -291,6 +291,19 @@ def test_grey_divider_running_into_a_band_is_not_body(part, seed):
     assert _dice(mask, body) >= 0.87, _dice(mask, body)
 
 
+def _limb_with_texture(part: str, seed: int) -> tuple[object, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A 384 x 320 limb phantom without carrier or markers: ``(phantom, image in [0, 1], row and column
+    grids, a unit-variance soft-tissue texture (Gaussian noise smoothed over 3 px))``."""
+    from scipy import ndimage as ndi
+
+    ph = make_phantom(PhantomSpec(height=384, width=320, body_part=part, carrier=None, markers=False), seed)
+    x = _normalize(ph.display())
+    h, w = x.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    texture = ndi.gaussian_filter(np.random.default_rng(seed).normal(0.0, 1.0, (h, w)), 3).astype(np.float32)
+    return ph, x, yy, xx, texture / texture.std()
+
+
 def _far_side(part: str, seed: int, level: float = 0.25, width: float = 0.45, glow: float = 0.1
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Air along one side only (FracAtlas IMG0000873: a hip whose other thigh, darker, fills the far side
@@ -301,19 +314,15 @@ def _far_side(part: str, seed: int, level: float = 0.25, width: float = 0.45, gl
     Returns:
         ``(image (H, W) in [0, 1], body (H, W) bool: limb and far side, far side (H, W) bool)``.
     """
-    from scipy import ndimage as ndi
-
-    ph = make_phantom(PhantomSpec(height=384, width=320, body_part=part, carrier=None, markers=False), seed)
-    x = _normalize(ph.display())
+    ph, x, yy, xx, texture = _limb_with_texture(part, seed)
     h, w = x.shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     edge = width * w + 0.03 * w * np.sin(yy / h * 4.0)
     far = (xx < edge) & ~ph.body_mask
-    texture = ndi.gaussian_filter(np.random.default_rng(seed).normal(0.0, 1.0, (h, w)), 3).astype(np.float32)
-    texture /= texture.std()
     ramp = np.clip((edge - xx) / (0.15 * w), 0.0, 1.0)
     x = np.where(far, level * (0.6 + 0.4 * ramp) + 0.02 * texture, x)
     air = ~(ph.body_mask | far)
+    from scipy import ndimage as ndi
+
     x = np.where(air, x + glow * np.exp(-ndi.distance_transform_edt(air) / 10.0), x)
     return np.clip(x, 0.0, 1.0).astype(np.float32), ph.body_mask | far, far
 
@@ -382,17 +391,11 @@ def _electronic_shutter(part: str, seed: int, gap: float = 0.12, tilt: float = 0
     Returns:
         ``(image (H, W) in [0, 1], body (H, W) bool: limb and soft tissue, air strip (H, W) bool)``.
     """
-    from scipy import ndimage as ndi
-
-    ph = make_phantom(PhantomSpec(height=384, width=320, body_part=part, carrier=None, markers=False), seed)
-    x = _normalize(ph.display())
+    ph, x, yy, xx, texture = _limb_with_texture(part, seed)
     h, w = x.shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     cols = np.flatnonzero(ph.body_mask.any(axis=0))
     shutter = xx < cols[0] - gap * w + tilt * (yy - h / 2)
     far = (xx > cols[-1] - 0.1 * w) & ~ph.body_mask
-    texture = ndi.gaussian_filter(np.random.default_rng(seed).normal(0.0, 1.0, (h, w)), 3).astype(np.float32)
-    texture /= texture.std()
     lift = 0.12 + 0.03 * (1 - yy / h)
     x = np.where(far, lift + level + texture_amp * texture, lift + 0.8 * x)
     x = np.where(shutter, 0.0, x)
