@@ -548,15 +548,25 @@ def _last_max(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def _nearest_rise(z: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per profile of ``z (..., K)`` (sampled at ``offsets (K,)``) the sub-pixel offset where it rises through
+    0 (from ``< 0`` to ``>= 0``, linear interpolation), the crossing nearest offset 0; ``inf`` without one.
+    The interpolation runs at the crossings only (1-2 of each profile's K - 1 intervals)."""
+    up = (z[..., :-1] < 0) & (z[..., 1:] >= 0)
+    at = np.nonzero(up)
+    z0, z1 = z[..., :-1][at], z[..., 1:][at]
+    cross = np.full(up.shape, np.inf, dtype=np.result_type(offsets.dtype, z0.dtype, np.float64))
+    cross[at] = offsets[:-1][at[-1]] + (-z0) / (z1 - z0)
+    return np.take_along_axis(cross, np.argmin(np.abs(cross), axis=-1)[..., None], axis=-1)[..., 0]
+
+
 def _edge_positions_batch(prof: np.ndarray, inner: np.ndarray, outer: np.ndarray, sign: np.ndarray,
                           offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """:meth:`_Detector._edge_positions` for ``(L, T, K)`` profiles at once (NaN rows give 99)."""
     level = 0.5 * (inner + outer)
     z = sign[:, None, None] * (prof - level[:, :, None])
     with np.errstate(invalid="ignore"):
-        up = (z[:, :, :-1] < 0) & (z[:, :, 1:] >= 0)
-        cross = np.where(up, offsets[:-1] + (-z[:, :, :-1]) / np.where(up, z[:, :, 1:] - z[:, :, :-1], 1.0), np.inf)
-    pos = np.take_along_axis(cross, np.argmin(np.abs(cross), axis=2)[:, :, None], axis=2)[:, :, 0]
+        pos = _nearest_rise(z, offsets)
     rise = sign[:, None, None] * np.diff(prof, axis=2)
     step = _last_max(np.where(np.isnan(rise), -np.inf, rise))
     return np.where(np.isfinite(pos), pos, 99.0), step
@@ -663,10 +673,7 @@ class _Detector:
         """
         level = 0.5 * (inner + outer)
         z = sign * (prof - level[:, None])  # rises from < 0 (inside) to > 0 (outside)
-        up = (z[:, :-1] < 0) & (z[:, 1:] >= 0)
-        cross = np.where(up, self.offsets[None, :-1] + (-z[:, :-1]) / np.where(up, z[:, 1:] - z[:, :-1], 1.0),
-                         np.inf)
-        pos = np.take_along_axis(cross, np.argmin(np.abs(cross), axis=1)[:, None], axis=1)[:, 0]
+        pos = _nearest_rise(z, self.offsets)
         step = (sign * np.diff(prof, axis=1)).max(axis=1)
         return np.where(np.isfinite(pos), pos, 99.0), step
 
@@ -938,10 +945,7 @@ class _Detector:
             contrast = np.sort(np.where(big, diff, np.inf), axis=1)[rows, np.minimum(n_big // 2, t_max - 1)]
             sign = np.where(contrast > 0, 1.0, -1.0).astype(np.float32)
             z = sign[:, None, None] * (prof - (0.5 * (inner + outer))[:, :, None])
-            up = (z[:, :, :-1] < 0) & (z[:, :, 1:] >= 0)
-            cross = np.where(up, self.offsets[:-1] + (-z[:, :, :-1]) / np.where(up, z[:, :, 1:] - z[:, :, :-1], 1.0),
-                             np.inf)
-            pos = np.take_along_axis(cross, np.argmin(np.abs(cross), axis=2)[:, :, None], axis=2)[:, :, 0]
+            pos = _nearest_rise(z, self.offsets)
             good = (sign[:, None] * diff > 0.5 * np.abs(contrast)[:, None]) & (np.abs(pos) <= 2.5)
             n_good = good.sum(axis=1)
             med = np.sort(np.where(good, outer, np.inf), axis=1)[rows, np.minimum(n_good // 2, t_max - 1)]
