@@ -465,18 +465,6 @@ def count_true(b: np.ndarray, axis: int) -> np.ndarray:
     return b.view(np.uint8).sum(axis=axis, dtype=np.uint16).astype(np.intp)
 
 
-def median(v: np.ndarray) -> float:
-    """``float(np.median(v))`` exactly (the mean of the two middle elements for even sizes, in ``v``'s
-    dtype), ~1.5x faster on large arrays: one selection and a max instead of numpy's three selections
-    (it also selects the largest element, to check for NaN: use it only on finite values)."""
-    a = np.ravel(v)
-    if a.size == 0:
-        return float("nan")
-    k = a.size // 2
-    part = np.partition(a, k)
-    return float(part[k] if a.size % 2 else (part[k] + part[:k].max()) / 2)
-
-
 def _robust_sigma(v: np.ndarray) -> float:
     return float(1.4826 * _median(np.abs(v - _median(v)))) if v.size else 0.0
 

@@ -79,7 +79,6 @@ from preprocessing.carrier import (
     line_fit_rows,
     local_range,
     masked_median,
-    median,
     plane_2d,
     polygon_mask,
     robust_line,
@@ -803,7 +802,7 @@ def _dark_peaks(v: np.ndarray, min_mass: float = 0.03) -> list[float]:
     if not peaks.size:
         return []
     darkest = centre[peaks[0]]  # the darkest always counts
-    mid = median(v)
+    mid = float(np.median(v))
     below = peaks[(peaks == peaks[0]) | (centre[peaks] <= mid)]
     near = peaks[(peaks == peaks[0]) | ((centre[peaks] <= mid) & (centre[peaks] <= darkest + 0.12))]
     first, second = (float(centre[c[np.argmax(mass[c])]]) for c in (below, near))
@@ -853,7 +852,7 @@ def _background_from(g: np.ndarray, field: np.ndarray, noise: float, peak: float
         surface = _smooth_background(g, bg)
         d = g - surface
         resid = d[bg]
-        sigma = max(1.4826 * median(np.abs(resid - median(resid))), 0.003)
+        sigma = max(1.4826 * float(np.median(np.abs(resid - np.median(resid)))), 0.003)
         if it < iterations - 1:
             bg = field & (np.abs(d) <= max(3.0 * sigma, 0.03))
     if sigma > 4.0 * noise + 0.01:
@@ -1076,7 +1075,7 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, openin
         valid = valid & ~bands
     mask = np.zeros(g.shape, dtype=bool)
     contrast = np.full(g.shape, -1.0, dtype=np.float32)
-    noise = max(1.4826 * median(np.abs(g - ndi.uniform_filter(g, 3))[valid]), 0.003)  # pixel noise
+    noise = max(1.4826 * float(np.median(np.abs(g - ndi.uniform_filter(g, 3))[valid])), 0.003)  # pixel noise
     cuts, ridges = _step_cuts(g, valid, ceiling=peaks[-1] + 0.07 if peaks else None)
     if ridges.any() and peaks:  # a divider's white core and its penumbra strips: not part of either field
         cuts |= _grow(ridges, 4) & (g >= peaks[-1] + 0.03)

@@ -301,17 +301,6 @@ def test_block_reduce_equals_reductions_over_reshaped_axes(block):
     np.testing.assert_array_equal(block_reduce(a, block, np.maximum), blocks.max(axis=(1, 3)))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_median_is_numpys_median_exactly(dtype):
-    from preprocessing.carrier import median
-
-    rng = np.random.default_rng(3)
-    for n in [1, 2, 3, 4, 7, 10, 101, 1000, 40001, 40000]:  # odd and even sizes, ties (rounded values)
-        for v in (rng.random(n).astype(dtype), np.round(rng.random(n) * 10).astype(dtype) / 10):
-            assert median(v) == float(np.median(v))  # bit for bit: the masks depend on its comparisons
-    assert median(np.ones((3, 4), dtype=dtype)) == 1.0 and np.isnan(median(np.zeros(0, dtype=dtype)))
-
-
 def test_count_true_counts_along_an_axis():
     from preprocessing.carrier import count_true
 
