@@ -835,9 +835,9 @@ def _jpeg_low_scans(data: bytes, scale: int, max_al: int = 2) -> tuple[bytes, in
                 return None
             progressive = True
             seg = data[pos + 4:end]
-            comps = [seg[6 + 3 * i] for i in range(seg[5])] if len(seg) >= 6 else []
-            if not comps or len(seg) < 6 + 3 * len(comps):
+            if len(seg) < 6 or seg[5] == 0 or len(seg) < 6 + 3 * seg[5]:
                 return None
+            comps = [seg[6 + 3 * i] for i in range(seg[5])]
         if marker != 0xDA:
             out.append(data[pos:end])
             pos = end

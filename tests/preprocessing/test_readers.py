@@ -417,6 +417,33 @@ def test_truncated_progressive_jpeg_is_refused_when_read_reduced(tmp_path, keep)
         RadiographPILReader(reduce_to=200).read(tmp_path / "cut.jpg")
 
 
+def test_damaged_progressive_jpeg_headers_give_an_image_or_a_read_error(tmp_path):
+    from preprocessing.readers import _jpeg_low_scans
+
+    data = _progressive_phantom(tmp_path / "p.jpg").read_bytes()
+    sof = data.index(b"\xff\xc2")
+    lying = bytearray(data)
+    lying[sof + 9] = 200  # the frame header claims 200 components: the parser must not index past it
+    assert _jpeg_low_scans(bytes(lying), 4) is None
+    rng = np.random.default_rng(0)
+    reader = RadiographPILReader(reduce_to=200)
+    for k in range(300):  # damaged headers (the first 2000 bytes: tables, frame, first scans) and truncations
+        b = bytearray(data)
+        if k % 2:
+            for _ in range(int(rng.integers(1, 5))):
+                b[int(rng.integers(0, 2000))] = int(rng.integers(0, 256))
+        else:
+            b = b[: int(rng.integers(0, len(b)))]
+        low = _jpeg_low_scans(bytes(b), 4)  # never raises: a stream or None
+        assert low is None or low[0][:2] == b"\xff\xd8"
+        if k % 10 == 0:
+            (tmp_path / "d.jpg").write_bytes(bytes(b))
+            try:
+                reader.get_data(reader.read(tmp_path / "d.jpg"))
+            except ReadError:
+                pass
+
+
 def test_real_progressive_jpegs_read_reduced_from_their_first_scans(msk_sample):
     labels = pd.read_csv(msk_sample / "labels.csv")
     paths = [msk_sample / p for p in labels[labels["resolution"] == "original_full"]["path"]]
