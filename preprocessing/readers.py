@@ -619,8 +619,6 @@ def _j2k_reduced(ds: Any, level: int) -> tuple[np.ndarray, int] | None:
     Pillow returns precisions 9-16 as ``I;16`` shifted left to 16 bits: shifted back here and clipped to
     the stored range (the low-pass of the 5/3 transform may overshoot it at sharp edges).
     """
-    import io
-
     from PIL import Image
     from pydicom.encaps import generate_frames
 

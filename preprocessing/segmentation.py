@@ -840,13 +840,7 @@ def _background_from(g: np.ndarray, field: np.ndarray, noise: float, peak: float
     bg = field & (np.abs(g - peak) <= 0.06)  # darker outliers (a dark strip beyond a border) not included
     sigma = 0.01
     for it in range(iterations):
-        lab, n = ndi.label(bg)
-        if n == 0:
-            return None
-        touching = np.zeros(n + 1, dtype=bool)
-        touching[lab[edge & bg]] = True
-        touching[0] = False
-        bg = touching[lab]
+        bg = _joined(bg, edge)
         if bg.sum() < max(30, 0.005 * field.sum()):
             return None
         surface = _smooth_background(g, bg)
@@ -906,12 +900,7 @@ def _air_along(g: np.ndarray, field: np.ndarray, edge: np.ndarray, tol: float = 
     centre, peaks, _ = _histogram_peaks(g[field])
     if not peaks.size:
         return None
-    cand = field & (g <= centre[peaks[0]] + tol)
-    lab, n = ndi.label(cand)
-    touching = np.zeros(n + 1, dtype=bool)
-    touching[lab[edge & cand]] = True
-    touching[0] = False
-    air = touching[lab]
+    air = _joined(field & (g <= centre[peaks[0]] + tol), edge)
     share = air.sum() / max(int(field.sum()), 1)
     return air if 0 < share <= max_share else None
 
@@ -1026,14 +1015,7 @@ def _dark_shutter(g: np.ndarray, valid: np.ndarray, level: float, tol: float = 0
     """
     if min(g.shape) < 64:  # too few pixels to tell a straight edge from a skin line
         return None
-    cand = valid & (g <= level + tol)
-    lab, n = ndi.label(cand)
-    if n == 0:
-        return None
-    touching = np.zeros(n + 1, dtype=bool)
-    touching[lab[_edge_of(valid) & cand]] = True
-    touching[0] = False
-    region = touching[lab]
+    region = _joined(valid & (g <= level + tol), _edge_of(valid))
     if region.sum() < min_fraction * valid.sum():
         return None
     frame = np.zeros(g.shape, dtype=bool)
@@ -1171,6 +1153,15 @@ def _is_flat(g: np.ndarray, comp: np.ndarray, tol: float = 0.05) -> bool:
     a = np.stack([np.ones(v.size), yy / g.shape[0], xx / g.shape[1]], axis=1)
     coef = np.linalg.lstsq(a[::step], v[::step], rcond=None)[0]
     return bool(np.mean(np.abs(v - a @ coef) <= tol) >= 0.9)
+
+
+def _joined(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The connected parts of ``mask`` holding a ``seeds`` pixel (bool, ``mask``'s shape)."""
+    lab, n = ndi.label(mask)
+    touching = np.zeros(n + 1, dtype=bool)
+    touching[lab[seeds & mask]] = True
+    touching[0] = False
+    return touching[lab]
 
 
 def _grow(mask: np.ndarray, r: int) -> np.ndarray:
