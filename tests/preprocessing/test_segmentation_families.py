@@ -416,3 +416,39 @@ def test_air_between_an_electronic_shutter_and_the_limb_is_not_body(part):
     mask = segment_body_part(x, carrier=False)
     assert (mask & air).sum() <= 0.12 * air.sum(), (mask & air).sum() / air.sum()
     assert _dice(mask, body) >= 0.94, _dice(mask, body)
+
+
+def test_a_bone_end_clipped_at_the_skin_line_is_not_a_marker():
+    """A bone's end at the skin line, saturated in patches by the display window (FracAtlas IMG0000036: a
+    thumb's tip), passes the tests of a burned-in marker but continues into the bone: it stays body, while a
+    letter drawn at full white stays a marker, on the air or lying on a bright limb."""
+    from scipy import ndimage as ndi
+
+    from preprocessing.segmentation import _markers
+
+    rng = np.random.default_rng(0)
+    h, w = 200, 128
+    yy, xx = np.mgrid[:h, :w]
+    texture = ndi.gaussian_filter(rng.standard_normal((h, w)), 1.0) * 3
+    limb = ((np.abs(xx - 40) <= 12) & (yy <= 140)) | (np.hypot(xx - 40, yy - 140) <= 12)
+    shaft = (np.abs(xx - 40) <= 8) & (yy <= 140)
+    tip = (np.hypot(xx - 40, yy - 141) <= 11) & (yy > 140)  # reaches the skin line
+    on_limb = np.zeros((h, w), dtype=bool)
+    on_limb[60:74, 51:53] = on_limb[72:74, 51:60] = True  # an "L" over the limb's edge
+    in_air = np.zeros((h, w), dtype=bool)
+    in_air[160:174, 90:92] = in_air[172:174, 90:97] = True
+    x = np.full((h, w), 0.05)
+    x[limb] = 0.62
+    x[shaft] = 0.7 + 0.04 * texture[shaft]
+    x[tip] = 0.98 + 0.05 * texture[tip]
+    x[on_limb | in_air] = 1.0
+    x = np.clip(x, 0.0, 1.0).astype(np.float32)
+    assert 0.45 <= (x[tip] >= 0.97).mean() <= 0.55  # saturated in patches, as the thumb (0.48)
+    contrast = np.where(limb, 1.0, -1.0).astype(np.float32)
+    valid = np.ones((h, w), dtype=bool)
+
+    markers = _markers(x, valid, contrast)
+    assert not (markers & tip).any()
+    assert (markers & on_limb).sum() == on_limb.sum() and (markers & in_air).sum() == in_air.sum()
+    # without the continuation test (the behaviour before) the bone's end was cut out as a marker
+    assert (_markers(x, valid, contrast, min_saturated_on_structure=0.0) & tip).sum() == tip.sum()
