@@ -550,7 +550,11 @@ def _nearest_rise(z: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 def _edge_positions_batch(prof: np.ndarray, inner: np.ndarray, outer: np.ndarray, sign: np.ndarray,
                           offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`_Detector._edge_positions` for ``(L, T, K)`` profiles at once (NaN rows give 99)."""
+    """Sub-pixel step position of each row of ``(L, T, K)`` profiles and its steepest 1-px rise.
+
+    The position is where the profile crosses half-way between its inner and outer levels, by linear
+    interpolation, taking the crossing nearest the line (no pixel locking, unlike a peak fit); ``+`` is
+    towards the exterior. Rows without a crossing (and NaN padding rows) get 99."""
     level = 0.5 * (inner + outer)
     z = sign[:, None, None] * (prof - level[:, :, None])
     with np.errstate(invalid="ignore"):
@@ -650,38 +654,6 @@ class _Detector:
                 start += count
             if len(self._cache) < 4096:
                 self._cache[self._cache_key(n, c)] = res
-
-    def _edge_positions(self, prof: np.ndarray, inner: np.ndarray, outer: np.ndarray,
-                        sign: float) -> tuple[np.ndarray, np.ndarray]:
-        """Sub-pixel step position per row and its steepest 1-px rise.
-
-        The position is where the profile crosses half-way between its inner and outer levels, by
-        linear interpolation, taking the crossing nearest the line (no pixel locking, unlike a peak
-        fit); ``+`` is towards the exterior. Rows without a crossing get a large position.
-        """
-        level = 0.5 * (inner + outer)
-        z = sign * (prof - level[:, None])  # rises from < 0 (inside) to > 0 (outside)
-        pos = _nearest_rise(z, self.offsets)
-        step = (sign * np.diff(prof, axis=1)).max(axis=1)
-        return np.where(np.isfinite(pos), pos, 99.0), step
-
-    def _measure(self, n: np.ndarray, c: float):
-        """Profiles across ``n . p = c``: points, direction, inner/outer band means, contrast, step positions."""
-        res = self._profiles(n, c)
-        if res is None:
-            return None
-        pts, d, prof = res
-        k = self.half
-        inner = prof[:, : k - 1].mean(axis=1)  # offsets <= -2
-        outer = prof[:, k + 2:].mean(axis=1)  # offsets >= +2
-        diff = outer - inner
-        big = diff[np.abs(diff) >= self.p.min_contrast]
-        if big.size < 8:
-            return None
-        contrast = float(_median(big))
-        sign = 1.0 if contrast > 0 else -1.0
-        pos, step = self._edge_positions(prof, inner, outer, sign)
-        return pts, d, inner, outer, diff, contrast, sign, pos, step
 
     def evaluate(self, n: np.ndarray, c: float) -> CarrierSide | None:
         """Test the line ``n . p = c`` as a carrier side with its exterior on the ``+n`` side."""

@@ -809,8 +809,8 @@ def _dark_peaks(v: np.ndarray, min_mass: float = 0.03) -> list[float]:
     return [first] if second == first else [first, second]
 
 
-def _field_background(g: np.ndarray, field: np.ndarray, noise: float, iterations: int = 3
-                      ) -> tuple[np.ndarray, float, np.ndarray] | None:
+def _field_background(g: np.ndarray, field: np.ndarray, noise: float, iterations: int = 3,
+                      peaks: list[float] | None = None) -> tuple[np.ndarray, float, np.ndarray] | None:
     """Background of one exposure field: surface ``B``, noise ``sigma`` and the background pixels.
 
     Background is a dark substantial grey level (:func:`_dark_peaks`: the most populous one, or the
@@ -826,7 +826,9 @@ def _field_background(g: np.ndarray, field: np.ndarray, noise: float, iterations
         as anatomy (its spread about ``B`` above ``4 noise + 0.01``, ``noise`` being the pixel noise of
         the image: lungs when a chest fills the frame).
     """
-    found = [_background_from(g, field, noise, peak, iterations) for peak in _dark_peaks(g[field])]
+    if peaks is None:  # (the caller passes them when it has them for these very pixels)
+        peaks = _dark_peaks(g[field])
+    found = [_background_from(g, field, noise, peak, iterations) for peak in peaks]
     found = [f for f in found if f is not None]
     if len(found) == 2 and found[1][1] < 0.5 * found[0][1]:
         return found[1]  # the darker level is a clearly flatter background: the other was soft tissue
@@ -854,18 +856,18 @@ def _background_from(g: np.ndarray, field: np.ndarray, noise: float, peak: float
     return surface, sigma, bg
 
 
-def _segment_field(g: np.ndarray, field: np.ndarray, noise: float, shutter_edge: np.ndarray | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def _segment_field(g: np.ndarray, field: np.ndarray, noise: float, shutter_edge: np.ndarray | None = None,
+                   peaks: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Body pixels of one field: above its local background by more than its noise (hysteresis).
 
     ``shutter_edge``: where an electronic shutter borders the field (:func:`_dark_shutter`); when the
     field has no background of its own by the test of :func:`_field_background`, its air along that
-    edge is still left out (:func:`_air_along`).
+    edge is still left out (:func:`_air_along`). ``peaks``: :func:`_dark_peaks` of the field's pixels, if known.
 
     Returns:
         ``(mask, contrast)``: bool mask and ``g - B`` over the noise floor (``<= 0`` is background level).
     """
-    found = _field_background(g, field, noise)
+    found = _field_background(g, field, noise, peaks=peaks)
     if found is None:  # the body fills the field: all of it is body (bands and markers are removed later)
         air = _air_along(g, field, shutter_edge) if shutter_edge is not None else None
         if air is None:
@@ -1018,9 +1020,7 @@ def _dark_shutter(g: np.ndarray, valid: np.ndarray, level: float, tol: float = 0
     region = _joined(valid & (g <= level + tol), _edge_of(valid))
     if region.sum() < min_fraction * valid.sum():
         return None
-    frame = np.zeros(g.shape, dtype=bool)
-    frame[:2], frame[-2:], frame[:, :2], frame[:, -2:] = True, True, True, True
-    border = region & ~_shrink(region, 1, border_value=1) & ~frame
+    border = region & ~_shrink(region, 1, border_value=1) & ~_frame(g.shape)
     if border.sum() < 0.5 * min(g.shape):  # too short to tell a straight edge
         return None
     acc, angles, dists = hough_line(border, theta=np.linspace(-np.pi / 2, np.pi / 2, 360, endpoint=False))
@@ -1046,6 +1046,7 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, openin
         valid = valid & ~_grow(shutter, 1)
         vals = g[valid]
         peaks = _dark_peaks(vals)
+    peaks_of = valid  # the pixels the peaks are of
     t = float(filters.threshold_yen(vals))
     region = valid  # the carrier's interior (before the bands are left out)
     bands = _flat_bright(g, valid, t, 0.01 * g.size, grow=6)  # unexposed bands: not part of the image
@@ -1063,7 +1064,8 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, openin
         cuts |= _grow(ridges, 4) & (g >= peaks[-1] + 0.03)
     shutter_edge = _grow(shutter, 3) if shutter is not None else None
     for field in _exposure_fields(valid & ~cuts):
-        m, c = _segment_field(g, field, noise, shutter_edge)
+        known = peaks if np.array_equal(field, peaks_of) else None  # one field: the whole valid region
+        m, c = _segment_field(g, field, noise, shutter_edge, known)
         mask |= m
         contrast = np.where(field, c, contrast)
     if cuts.any():  # a cut through the body (a limb crossing a step edge) is closed again
@@ -1137,7 +1139,8 @@ def _markers(x: np.ndarray, valid: np.ndarray, contrast: np.ndarray, level: floa
     ring = np.bincount(ring_lab.ravel(), minlength=n + 1)
     h, w = x.shape
     keep = np.zeros(n + 1, dtype=bool)
-    for i, sl in enumerate(ndi.find_objects(lab), start=1):
+    boxes = ndi.find_objects(lab)
+    for i, sl in enumerate(boxes, start=1):
         if sl is None or sizes[i] > max_area * x.size or ring[i] == 0:
             continue
         extent = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
@@ -1151,7 +1154,8 @@ def _markers(x: np.ndarray, valid: np.ndarray, contrast: np.ndarray, level: floa
     structure_sizes = np.bincount(structure.ravel())
     structure_sizes[0] = 0
     for i in np.flatnonzero(keep):
-        on = structure_sizes[np.unique(structure[lab == i])].sum()
+        sl = boxes[i - 1]
+        on = structure_sizes[np.unique(structure[sl][lab[sl] == i])].sum()
         if on > max_growth * sizes[i] and saturated[i] < min_saturated_on_structure * sizes[i]:
             keep[i] = False
     if not keep[1:].any():
@@ -1195,14 +1199,16 @@ def _shrink(mask: np.ndarray, r: int, border_value: int = 0) -> np.ndarray:
                               cval=border_value).astype(bool)
 
 
+def _frame(shape: tuple[int, int], width: int = 2) -> np.ndarray:
+    """The ``width``-px frame of an image of ``shape`` (bool)."""
+    frame = np.zeros(shape, dtype=bool)
+    frame[:width], frame[-width:], frame[:, :width], frame[:, -width:] = True, True, True, True
+    return frame
+
+
 def _edge_of(valid: np.ndarray) -> np.ndarray:
     """The frame and the border of the valid region (2 px wide)."""
-    edge = valid & ~_shrink(valid, 2)
-    edge[:2, :] = True
-    edge[-2:, :] = True
-    edge[:, :2] = True
-    edge[:, -2:] = True
-    return edge
+    return (valid & ~_shrink(valid, 2)) | _frame(valid.shape)
 
 
 def _opening(mask: np.ndarray, radius: int) -> np.ndarray:
