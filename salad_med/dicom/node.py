@@ -27,7 +27,8 @@ Capture images to. The life of one instance:
 Crash safety: at start, temp files of unfinished writes in ``incoming/`` are deleted (a kill during a
 write leaves one; it is not an instance and is never scored), files left in ``incoming/`` are queued again, except those whose UID already
 has a ``results.csv`` row (crash between the row and the move), which are only moved: each instance
-is scored once. A resent instance already scored is acknowledged and not scored again. An SR is linked
+is scored once. A resent instance already scored, or received and waiting or being scored, is
+acknowledged and not scored again. An SR is linked
 into ``outbox/`` *before* its row is committed (``results.csv`` / ``studies.csv``) and queued for forwarding
 only after; at start, outbox entries without a committed row are removed (their image is scored again),
 the others are forwarded: each SR reaches the destination at least once, and a resend of the same SR
@@ -573,9 +574,9 @@ class ScoringNode:
             problem = "SOP Instance UID of the dataset differs from the C-STORE request"
         if problem is not None:
             return self._refuse(STATUS_DATASET_MISMATCH, uid, calling_ae, problem)
-        if self.is_scored(uid):
+        if self.is_scored(uid) or not self._claim(uid):
             self.audit("store", sop_instance_uid=uid, calling_ae=calling_ae, status="duplicate",
-                       reason="already scored; not scored again")
+                       reason="already scored or being scored; not scored again")
             return STATUS_SUCCESS
         received_at = time.time()
         meta = {"calling_ae": calling_ae, "received_at": received_at,
@@ -585,10 +586,21 @@ class ScoringNode:
             atomic_write_text(self._sidecar(uid), json.dumps(meta))
             _fsync_write(self.dirs["incoming"] / f"{uid}.dcm", event.encoded_dataset(include_meta=True))
         except OSError as err:
+            with self._lock:
+                self._pending.discard(uid)
             return self._refuse(STATUS_OUT_OF_RESOURCES, uid, calling_ae, f"cannot persist: {err.strerror}")
         self.audit("store", sop_instance_uid=uid, calling_ae=calling_ae, status="queued")
-        self._enqueue(uid)
+        self._queue.put(uid)
         return STATUS_SUCCESS
+
+    def _claim(self, uid: str) -> bool:
+        """Mark ``uid`` pending unless it is scored or already pending (one check under the lock: a resend
+        arriving while a worker scores the instance, or just after, is never queued a second time)."""
+        with self._lock:
+            if uid in self._scored or uid in self._pending:
+                return False
+            self._pending.add(uid)
+            return True
 
     def _sidecar(self, uid: str) -> Path:
         return self.dirs["incoming"] / f"{uid}.json"

@@ -241,6 +241,22 @@ def test_duplicate_and_malformed_instances(make_node, phantoms, tmp_path, monkey
     assert sorted(p.name for p in node.dirs["incoming"].iterdir()) == []
 
 
+def test_resend_racing_the_commit_is_not_scored_twice(make_node, phantoms, monkeypatch):
+    """A resend (an archive retrying after a crash) that passes the "already scored?" look-up just before a
+    worker commits the instance's row, and is persisted just after, is still acknowledged as a duplicate and
+    not queued again: the look-up and the claim of the instance are one step under the node's lock (found as a
+    twice-scored instance in the Orthanc kill test). The race is forced by making the look-up miss."""
+    node = make_node()
+    good = phantoms.source_path[1]
+    assert _send(node.port, [pydicom.dcmread(good)]) == [0]
+    assert node.wait_idle(60)
+    monkeypatch.setattr(node, "is_scored", lambda uid: False)  # the look-up ran before the commit
+    assert _send(node.port, [pydicom.dcmread(good)]) == [0]
+    assert node.wait_idle(60)
+    _assert_scored_once(node, [_uid(good)])
+    assert [e["status"] for e in _events(node) if e["event"] == "store"].count("duplicate") == 1
+
+
 def test_non_image_sop_class_refused_at_negotiation(make_node, tmp_path, phantoms):
     node = make_node()
     ae = _scu(ComprehensiveSRStorage, ComputedRadiographyImageStorage)
