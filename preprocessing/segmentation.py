@@ -937,7 +937,8 @@ def _air_along(g: np.ndarray, field: np.ndarray, edge: np.ndarray, tol: float = 
 
 
 def _border_glow(d: np.ndarray, field: np.ndarray, tol: float, body: float, max_depth: float = 0.3,
-                 floor: float = 0.005, min_share: float = 0.5, min_flat: float = 0.7) -> np.ndarray | None:
+                 floor: float = 0.005, min_share: float = 0.5, min_flat: float = 0.7, rim: int = 3
+                 ) -> np.ndarray | None:
     """Glow of the background along the field's border that its surface misses: (h, w) float, or ``None``.
 
     Scatter or the heel effect can brighten the background steeply towards a side of the field (up to
@@ -950,7 +951,10 @@ def _border_glow(d: np.ndarray, field: np.ndarray, tol: float, body: float, max_
     ``>= min_flat`` of those not clearly body (``<= fit + body``; a limb crossing the line is brighter),
     down to the surface (fit ``<= floor``) within ``max_depth`` of the field; a side whose lines are not
     flat before that (anatomy, a limb filling the side) has none, nor one whose line 1 px from the border
-    lies at the surface already (median ``<= floor``: most sides, checked first).
+    lies at the surface already (median ``<= floor``: most sides, checked first). The first ``rim`` lines,
+    the frame's own edge, need not be flat (a bright uneven line at a detector's edge before the glow:
+    FracAtlas IMG0000630, IMG0001091, IMG0001567, IMG0004009 kept strips of 6-11 % of the image as body);
+    one that is not takes the level of the first line past the rim.
 
     Args:
         d: (h, w) contrast to the background surface, 0 outside ``field``.
@@ -974,6 +978,7 @@ def _border_glow(d: np.ndarray, field: np.ndarray, tol: float, body: float, max_
             continue
         t = ((cols - 0.5 * (cols[0] + cols[-1])) / n).astype(np.float32)  # position along the side
         parts, end = [], 0
+        forgiven = np.zeros(0, dtype=np.intp)  # rim lines let through although not flat
         for d0 in range(0, depth, 16):  # 16 lines at a time: most sides end within the first ones
             rows = first[None, :] + np.arange(d0, min(depth, d0 + 16))[:, None]  # (D, C): the lines
             inside = rows < n_rows
@@ -989,6 +994,9 @@ def _border_glow(d: np.ndarray, field: np.ndarray, tol: float, body: float, max_
                     & (inl >= min_flat * (m & (v <= fit + body)).sum(axis=1)))
             level = (np.where(m, fit, 0.0).sum(axis=1) / np.maximum(n_ok, 1)).astype(np.float32)
             parts.append((rows, m, fit))
+            if d0 == 0:  # the field's own rim (a bright or blurred edge of the frame) need not be flat
+                forgiven = np.flatnonzero(~flat[:rim])
+                flat[:rim] = True
             k_flat = int(np.argmin(flat)) if not flat.all() else len(flat)  # background-like up to here
             low = np.flatnonzero(level[:k_flat] <= floor)
             if low.size:  # down to the surface within the run
@@ -999,6 +1007,9 @@ def _border_glow(d: np.ndarray, field: np.ndarray, tol: float, body: float, max_
         if end < 3:  # no glow (at the surface within 2 lines), or not down to the surface within the run
             continue
         rows, m, fit = (np.concatenate(x)[:end] for x in zip(*parts, strict=True))
+        if forgiven.size and end > rim:  # such a rim line takes the level of the first line past the rim
+            fit = fit.copy()
+            fit[forgiven] = fit[rim]
         glow = np.zeros((n_rows, n), dtype=np.float32)
         glow[rows[m], np.broadcast_to(cols, m.shape)[m]] = np.maximum(fit[m], 0.0)
         out = back(glow) if out is None else np.maximum(out, back(glow))
