@@ -937,7 +937,7 @@ def _air_along(g: np.ndarray, field: np.ndarray, edge: np.ndarray, tol: float = 
 
 
 def _border_glow(d: np.ndarray, field: np.ndarray, tol: float, body: float, max_depth: float = 0.3,
-                 floor: float = 0.005, min_share: float = 0.5, min_flat: float = 0.7, rim: int = 4
+                 floor: float = 0.005, min_share: float = 0.5, min_flat: float = 0.7, rim: int = 8
                  ) -> np.ndarray | None:
     """Glow of the background along the field's border that its surface misses: (h, w) float, or ``None``.
 
@@ -952,11 +952,12 @@ def _border_glow(d: np.ndarray, field: np.ndarray, tol: float, body: float, max_
     down to the surface (fit ``<= floor``) within ``max_depth`` of the field; a side whose lines are not
     flat before that (anatomy, a limb filling the side) has none, nor one whose line 1 px from the border
     lies at the surface already (median ``<= floor``: most sides, checked first). The first ``rim`` lines,
-    the frame's own edge, need not be flat (a bright uneven line at a detector's edge before the glow:
-    FracAtlas IMG0000630, IMG0001091, IMG0001567, IMG0004009, IMG0004004 kept strips of 6-11 % of the image
-    as body; IMG0004004's rim is 4 working px deep); one that is not takes the level of the first line past
-    the rim. A limb reaching that side may lose its last 1-2 px there (0.1 % of the image; reference masks
-    within 0.001 of before).
+    the frame's own edge or a bright band's ramp along it, need not be flat (a bright uneven line at a
+    detector's edge, or a band at the frame, before the glow: FracAtlas IMG0000630, IMG0001091, IMG0001567,
+    IMG0004004, IMG0004009 kept strips of 6-11 % of the image as body, IMG0001870, IMG0001921, IMG0002444,
+    IMG0002980, IMG0003519, IMG0004007 patches of 2-11 %; rims up to 7 working px deep); such a line takes the
+    level of the next flat line, and the glow never ends on it (its fit is no level: a trunk filling a side
+    lost a strip along the frame, IMG0003201).
 
     Args:
         d: (h, w) contrast to the background surface, 0 outside ``field``.
@@ -996,9 +997,10 @@ def _border_glow(d: np.ndarray, field: np.ndarray, tol: float, body: float, max_
                     & (inl >= min_flat * (m & (v <= fit + body)).sum(axis=1)))
             level = (np.where(m, fit, 0.0).sum(axis=1) / np.maximum(n_ok, 1)).astype(np.float32)
             parts.append((rows, m, fit))
-            if d0 == 0:  # the field's own rim (a bright or blurred edge of the frame) need not be flat
-                forgiven = np.flatnonzero(~flat[:rim])
+            if d0 == 0:  # the field's own rim (a bright or blurred edge of the frame) need not be flat, but
+                forgiven = np.flatnonzero(~flat[:rim])  # the glow does not end on such a line (its fit is no level)
                 flat[:rim] = True
+                level[forgiven] = np.inf
             k_flat = int(np.argmin(flat)) if not flat.all() else len(flat)  # background-like up to here
             low = np.flatnonzero(level[:k_flat] <= floor)
             if low.size:  # down to the surface within the run
@@ -1009,9 +1011,11 @@ def _border_glow(d: np.ndarray, field: np.ndarray, tol: float, body: float, max_
         if end < 3:  # no glow (at the surface within 2 lines), or not down to the surface within the run
             continue
         rows, m, fit = (np.concatenate(x)[:end] for x in zip(*parts, strict=True))
-        if forgiven.size and end > rim:  # such a rim line takes the level of the first line past the rim
+        forgiven = forgiven[forgiven < end]
+        if forgiven.size:  # such a rim line takes the level of the next flat line (the glow ends on one)
             fit = fit.copy()
-            fit[forgiven] = fit[rim]
+            flat_lines = np.setdiff1d(np.arange(end), forgiven)
+            fit[forgiven] = fit[flat_lines[np.searchsorted(flat_lines, forgiven)]]
         glow = np.zeros((n_rows, n), dtype=np.float32)
         glow[rows[m], np.broadcast_to(cols, m.shape)[m]] = np.maximum(fit[m], 0.0)
         out = back(glow) if out is None else np.maximum(out, back(glow))

@@ -530,3 +530,22 @@ def test_a_band_along_part_of_a_side_is_a_band_when_its_inner_edge_is_straight(m
     monkeypatch.setattr(seg, "_border_bands", lambda flat, edge, min_area: strict(flat, edge, min_area,
                                                                                   min_straight=2.0))
     assert not (bands(x) & band).any()
+
+
+def test_a_body_filling_a_side_behind_an_uneven_rim_gets_no_glow():
+    """The rim lines let through by the glow search are no level: a glow never ends on one. A trunk fills the
+    left side (textured, 0.5 above the surface) behind a bright rim whose third line is uneven (-0.3 / 0 / 0.3:
+    its fit lies at the surface with a third of its samples): ending the glow there took 0.5 off the trunk's
+    first columns (FracAtlas IMG0003201: a strip of the spine along the frame was lost)."""
+    from scipy import ndimage as ndi
+
+    from preprocessing.segmentation import _border_glow
+
+    rng = np.random.default_rng(0)
+    h, w = 200, 160
+    texture = ndi.gaussian_filter(rng.standard_normal((h, w)), 2)
+    d = np.zeros((h, w), dtype=np.float32)
+    d[:, :70] = 0.5 + 0.05 * texture[:, :70] / texture.std()
+    d[:, 2] = np.array([-0.3, 0.0, 0.3])[np.arange(h) % 3]
+    glow = _border_glow(d, np.ones((h, w), dtype=bool), tol=0.02, body=0.08)
+    assert glow is None or not (glow[:, :70] > 0).any()
