@@ -3,7 +3,7 @@
 The SALAD authors' MURA preprocessing segments the body part with histogram equalisation, a Yen
 threshold ``t`` and a hysteresis sweep ``low = f * t`` (``f`` from 0.2 to 1.0) chosen by correlation
 with the image, then an opening, the largest component and hole filling. MURA films show the body
-part on a uniform carrier; real radiographs (FracAtlas, CR/DX DICOM; ``tests/data/masks`` holds 68
+part on a uniform carrier; real radiographs (FracAtlas, CR/DX DICOM; ``tests/data/masks`` holds 74
 verified masks of them) show double exposures with dividers, fading detector strips, collimator
 shutters, backgrounds with a heel effect, bodies filling the frame and burned-in labels. Here, on a
 box-downsampled working copy (long side ``work_size``, default 256), Gaussian-smoothed:
