@@ -153,8 +153,8 @@ def _border_bands(flat: np.ndarray, edge: np.ndarray, min_area: float, full_span
     inner edge (the blade's shadow: >= ``min_straight`` of its rows within 2 px of a line); a region doing
     neither, an irregular flat white patch along part of a side, is anatomy clipped to white by the display
     window (a dense abdomen or pelvis filling the lower frame: FracAtlas IMG0000673, IMG0001608, IMG0003774:
-    spans 0.61-0.67 of the side, 14-49 % of their rows on a line; the 28 bands of the 311 FracAtlas and DICOM
-    files: spans >= 0.77 or >= 85 % on a line)."""
+    spans 0.61-0.67 of the side, 14-49 % of their rows on a line; of the 28 bands of the 311 FracAtlas and DICOM
+    files, those spanning less than 0.9 of their side, 0.77-0.86, have >= 85 % of their rows on a line)."""
     lab, n = ndi.label(flat)
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
     touching = np.zeros(n + 1, dtype=bool)
