@@ -812,8 +812,9 @@ def _histogram_peaks(v: np.ndarray, min_mass: float = 0.03) -> tuple[np.ndarray,
     smooth = ndi.gaussian_filter1d(hist.astype(np.float64), 1.5)
     mass = ndi.uniform_filter1d(hist.astype(np.float64), 9, mode="constant") * 9
     centre = 0.5 * (edges[:-1] + edges[1:])
-    peaks = np.flatnonzero((smooth >= np.roll(smooth, 1)) & (smooth >= np.roll(smooth, -1)) & (hist > 0)
-                           & (mass >= min_mass * v.size))
+    below = np.concatenate([[-np.inf], smooth[:-1]])  # the neighbours, none beyond the ends (a wrap-around
+    above = np.concatenate([smooth[1:], [-np.inf]])  # compared air clipped to 0 with saturated white)
+    peaks = np.flatnonzero((smooth >= below) & (smooth >= above) & (hist > 0) & (mass >= min_mass * v.size))
     return centre, peaks, mass
 
 
@@ -1078,6 +1079,17 @@ def _dark_shutter(g: np.ndarray, valid: np.ndarray, level: float, tol: float = 0
     return region if float(np.mean(off <= line_tol)) >= min_inliers else None
 
 
+def _pixel_noise(g: np.ndarray, valid: np.ndarray, bright: float = 0.9, floor: float = 0.003) -> float:
+    """Pixel noise of the working image: robust spread of ``g`` about its 3x3 mean over ``valid``, leaving out
+    the pixels the display window compresses or clips (``>= bright`` or ``<= 0.02``: a saturated abdomen or
+    heart, smooth there, filling a third of a pediatric chest film lowered the estimate by a third, and the
+    film's air became "as textured as anatomy", the whole frame body: ZhangLab person278_virus_575), unless
+    they are most of the image; at least ``floor``."""
+    keep = valid & (g > 0.02) & (g < bright)
+    r = np.abs(g - ndi.uniform_filter(g, 3))[keep if keep.sum() >= 0.25 * valid.sum() else valid]
+    return max(1.4826 * float(np.median(r)), floor)
+
+
 def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, opening_radius: int,
                   raw: np.ndarray | None = None) -> np.ndarray:
     """Body-part mask on a smoothed working image ``g`` (``raw``: the same before smoothing) restricted to
@@ -1104,7 +1116,7 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, openin
         valid = valid & ~bands
     mask = np.zeros(g.shape, dtype=bool)
     contrast = np.full(g.shape, -1.0, dtype=np.float32)
-    noise = max(1.4826 * float(np.median(np.abs(g - ndi.uniform_filter(g, 3))[valid])), 0.003)  # pixel noise
+    noise = _pixel_noise(g, valid)
     cuts, ridges = _step_cuts(g, valid, ceiling=peaks[-1] + 0.07 if peaks else None)
     if ridges.any() and peaks:  # a divider's white core and its penumbra strips: not part of either field
         cuts |= _grow(ridges, 4) & (g >= peaks[-1] + 0.03)
