@@ -620,11 +620,8 @@ class ScoringNode:
         return self.is_scored(uid) or (self.dirs["incoming"] / f"{uid}.dcm").exists()
 
     def _enqueue(self, uid: str) -> None:
-        with self._lock:
-            if uid in self._pending:
-                return
-            self._pending.add(uid)
-        self._queue.put(uid)
+        if self._claim(uid):
+            self._queue.put(uid)
 
     def _recover(self) -> None:
         """Queue what a previous run received but did not score, and SRs it did not forward."""
