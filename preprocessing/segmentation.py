@@ -734,13 +734,12 @@ def _quadratic_fit(g: np.ndarray, weight: np.ndarray, max_samples: int = 2000) -
     yy, xx = np.divmod(idx[:: max(1, idx.size // max_samples)], w)
     u, v = xx / w - 0.5, yy / h - 0.5
     a = np.stack([np.ones(u.size), u, v, u * u, v * v, u * v], axis=1)
-    coef = np.linalg.lstsq(a, g[yy, xx].astype(np.float64), rcond=None)[0]
     normal = a.T @ a
-    try:
+    try:  # the normal equations' inverse serves both the fit and the leverage
         inverse = np.linalg.inv(normal)
     except np.linalg.LinAlgError:  # the samples on a line or fewer than 6 points: rank-deficient
         inverse = np.linalg.pinv(normal)
-    return coef, inverse * u.size
+    return inverse @ (a.T @ g[yy, xx].astype(np.float64)), inverse * u.size
 
 
 def _smooth_background(g: np.ndarray, weight: np.ndarray, scale: float = 0.08, far: float = 0.25,
