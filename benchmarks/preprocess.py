@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -281,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     # limit them here, or OpenBLAS threads busy-wait after each small call and their CPU time is billed
     # to whatever is timed next (measured: floor and pipeline alike up to twice their one-thread time)
     threadpool_limits(1)
+    cv2.setNumThreads(1)  # OpenCV's own pool (preprocessing.morphology), as in the workers
     files = _files(args.data)
     names = {"carrier": "detect_carrier", "segment": "segment", "polarity": "fix_polarity"}
     options = {names[k]: False for k in args.without}

@@ -85,6 +85,7 @@ from preprocessing.carrier import (
     single_channel,
     work_copy,
 )
+from preprocessing.morphology import gaussian, label, max_filter, min_filter
 
 __all__ = [
     "segment_body_part",
@@ -120,8 +121,8 @@ def _flat_bright(g: np.ndarray, valid: np.ndarray, t: float, min_area: float, gr
     for sl, vertical in leaked:  # the straight part along the side of a region that leaked into anatomy
         length = max(3, int(0.3 * (h if vertical else w)))
         sub = flat[sl].view(np.uint8)
-        core = ndi.maximum_filter1d(ndi.minimum_filter1d(sub, length, axis=0 if vertical else 1),
-                                    length, axis=0 if vertical else 1).astype(bool)
+        window = (length, 1) if vertical else (1, length)
+        core = max_filter(min_filter(sub, window), window).astype(bool)
         if core.any():
             whole = np.zeros_like(flat)
             whole[sl] = core
@@ -155,7 +156,7 @@ def _border_bands(flat: np.ndarray, edge: np.ndarray, min_area: float, full_span
     window (a dense abdomen or pelvis filling the lower frame: FracAtlas IMG0000673, IMG0001608, IMG0003774:
     spans 0.61-0.67 of the side, 14-49 % of their rows on a line; of the 28 bands of the 311 FracAtlas and DICOM
     files, those spanning less than 0.9 of their side, 0.77-0.86, have >= 85 % of their rows on a line)."""
-    lab, n = ndi.label(flat)
+    lab, n = label(flat)
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
     touching = np.zeros(n + 1, dtype=bool)
     touching[lab[edge & flat]] = True
@@ -368,7 +369,7 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
 
     band = np.zeros(w, dtype=bool)
     band_core = np.zeros(w, dtype=bool)
-    lab, n = ndi.label(core)
+    lab, n = label(core)
     for i in range(1, n + 1):
         idx = np.flatnonzero(lab == i)
         if idx.size > max_width * w:
@@ -781,13 +782,13 @@ def _smooth_background(g: np.ndarray, weight: np.ndarray, scale: float = 0.08, f
     if (hold < 1.0).any():
         # (on a 4x coarser grid again: the held trend varies over ~far x the long side; 0.24 -> 0.07 ms a filter)
         wide = far * max(h, w) / (4 * f)
-        far_den = _bilinear_up(ndi.gaussian_filter(_block_sums(wt, 4), wide, mode="nearest"), hs, ws, 4)
-        far_num = _bilinear_up(ndi.gaussian_filter(_block_sums(trend * wt, 4), wide, mode="nearest"), hs, ws, 4)
+        far_den = _bilinear_up(gaussian(_block_sums(wt, 4), wide, mode="nearest"), hs, ws, 4)
+        far_num = _bilinear_up(gaussian(_block_sums(trend * wt, 4), wide, mode="nearest"), hs, ws, 4)
         held = np.where(far_den > 1e-6, np.minimum(far_num / np.maximum(far_den, 1e-6), trend), trend)
         trend = hold * trend + (1.0 - hold) * held
     sigma = max(1.0, scale * max(h, w) / f)
-    num = ndi.gaussian_filter(gw - trend * wt, sigma, mode="nearest")  # residual sums (trend ~flat in a block)
-    den = ndi.gaussian_filter(wt, sigma, mode="nearest")
+    num = gaussian(gw - trend * wt, sigma, mode="nearest")  # residual sums (trend ~flat in a block)
+    den = gaussian(wt, sigma, mode="nearest")
     small = (trend + num / np.maximum(den, 1e-12) * np.minimum(den / (0.2 * f * f), 1.0)).astype(np.float32)
     return small if f == 1 else _bilinear_up(small, h, w, f)
 
@@ -1074,7 +1075,7 @@ def _border_glow(d: np.ndarray, field: np.ndarray, tol: float, body: float, max_
 
 def _exposure_fields(valid: np.ndarray, min_fraction: float = 0.04) -> list[np.ndarray]:
     """Connected parts of ``valid`` holding >= ``min_fraction`` of it (the exposures of one image)."""
-    lab, n = ndi.label(valid)
+    lab, n = label(valid)
     if n <= 1:
         return [valid] if n else []
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
@@ -1183,7 +1184,7 @@ def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, openin
     if opening_radius > 0:
         opened = _opening(mask, opening_radius)
         mask = opened if opened.any() else mask
-    lab, n = ndi.label(mask)
+    lab, n = label(mask)
     if n == 0:
         reason = "nothing above the background"
         raise _no_body(reason)
@@ -1236,12 +1237,12 @@ def _markers(x: np.ndarray, valid: np.ndarray, contrast: np.ndarray, level: floa
     bright = (x >= level) & valid
     if not bright.any():
         return bright
-    lab, n = ndi.label(_grow(bright, 1))  # glyphs of one label join
+    lab, n = label(_grow(bright, 1))  # glyphs of one label join
     lab = lab * bright
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
     saturated = np.bincount(lab.ravel(), weights=(x >= 0.97).ravel(), minlength=n + 1)
-    near = ndi.grey_dilation(lab, size=5)  # the label within 2 px
-    ring_lab = ndi.grey_dilation(lab, size=9) * (near == 0)  # within 4 px but not within 2
+    near = max_filter(lab, 5)  # the label within 2 px
+    ring_lab = max_filter(lab, 9) * (near == 0)  # within 4 px but not within 2
     outside = np.bincount(ring_lab.ravel(), weights=(contrast <= 0).ravel(), minlength=n + 1)
     ring = np.bincount(ring_lab.ravel(), minlength=n + 1)
     h, w = x.shape
@@ -1257,7 +1258,7 @@ def _markers(x: np.ndarray, valid: np.ndarray, contrast: np.ndarray, level: floa
         return np.zeros_like(bright)
     # bone clipped by the display window continues into bone: a candidate lying on a bright structure
     # much larger than itself is a marker only when drawn at full white (glyph strokes), not saturated in patches
-    structure, _ = ndi.label((x >= structure_level) & valid)
+    structure, _ = label((x >= structure_level) & valid)
     structure_sizes = np.bincount(structure.ravel())
     structure_sizes[0] = 0
     for i in np.flatnonzero(keep):
@@ -1267,7 +1268,7 @@ def _markers(x: np.ndarray, valid: np.ndarray, contrast: np.ndarray, level: floa
             keep[i] = False
     if not keep[1:].any():
         return np.zeros_like(bright)
-    return _grow(ndi.binary_fill_holes(_grow(keep[lab], 1)), 2)
+    return _grow(_fill_holes(_grow(keep[lab], 1)), 2)
 
 
 def _is_flat(g: np.ndarray, comp: np.ndarray, tol: float = 0.05) -> bool:
@@ -1288,7 +1289,7 @@ def _is_flat(g: np.ndarray, comp: np.ndarray, tol: float = 0.05) -> bool:
 
 def _joined(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     """The connected parts of ``mask`` holding a ``seeds`` pixel (bool, ``mask``'s shape)."""
-    lab, n = ndi.label(mask)
+    lab, n = label(mask)
     touching = np.zeros(n + 1, dtype=bool)
     touching[lab[seeds & mask]] = True
     touching[0] = False
@@ -1297,13 +1298,12 @@ def _joined(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
 
 def _grow(mask: np.ndarray, r: int) -> np.ndarray:
     """Dilation by a (2r+1)^2 square (a separable max filter: much faster than iterated dilation)."""
-    return ndi.maximum_filter(np.ascontiguousarray(mask).view(np.uint8), size=2 * r + 1).astype(bool)
+    return max_filter(mask.astype(bool, copy=False), 2 * r + 1)
 
 
 def _shrink(mask: np.ndarray, r: int, border_value: int = 0) -> np.ndarray:
     """Erosion by a (2r+1)^2 square; outside the image counts as ``border_value``."""
-    return ndi.minimum_filter(np.ascontiguousarray(mask).view(np.uint8), size=2 * r + 1, mode="constant",
-                              cval=border_value).astype(bool)
+    return min_filter(mask.astype(bool, copy=False), 2 * r + 1, cval=border_value)
 
 
 def _frame(shape: tuple[int, int], width: int = 2) -> np.ndarray:
@@ -1355,7 +1355,7 @@ def _upsample(mask: np.ndarray, shape: Sequence[int], factor: float, offset: flo
 def _hysteresis(g: np.ndarray, low: float, high: float) -> np.ndarray:
     """``skimage.filters.apply_hysteresis_threshold(g, low, high)``: components (4-connected) of
     ``g > low`` holding a pixel ``> high``; selected by indexing instead of per-label sums (~3x faster)."""
-    lab, n = ndi.label(g > low)
+    lab, n = label(g > low)
     keep = np.zeros(n + 1, dtype=bool)
     keep[lab[g > high]] = True
     keep[0] = False
@@ -1370,7 +1370,7 @@ def _fill_holes(mask: np.ndarray, contrast: np.ndarray | None = None) -> np.ndar
     level stays a hole: air enclosed by the body (a hand making a ring, between fixator bars) is not
     body; holes of anatomy that missed the threshold are filled.
     """
-    lab, n = ndi.label(~mask)
+    lab, n = label(~mask)
     if n == 0:
         return mask.copy()
     outside = np.zeros(n + 1, dtype=bool)
@@ -1431,7 +1431,7 @@ def segment_body_part(
         valid_small = _shrink(valid_small, 2, border_value=1)
     if valid_small.sum() < 16:
         valid_small[:] = True
-    g = ndi.gaussian_filter(small, 1.0)
+    g = gaussian(small, 1.0)
     radius = max(1, round(2 * max(small.shape) / 256)) if opening_radius is None else int(opening_radius)
     mask = _segment_work(g, valid_small, keep_fraction, radius, raw=_work_max(arr, work_size, small.shape))
     mask = _upsample(mask, arr.shape, factor, offset)

@@ -265,6 +265,7 @@ def _init_worker(dataset: str, size: int, options: dict[str, Any], bit_depth: in
     (measured: the pipeline's CPU time doubled at unchanged wall time, and the spin ran on into the
     next file's decoding).
     """
+    import cv2
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -272,6 +273,7 @@ def _init_worker(dataset: str, size: int, options: dict[str, Any], bit_depth: in
 
     torch.set_num_threads(1)
     threadpool_limits(1)
+    cv2.setNumThreads(1)  # OpenCV's pool (preprocessing.morphology) likewise: one image per worker
     _WORKER.update(pipeline=get_pipeline(dataset, size, **options), bit_depth=bit_depth)
 
 
@@ -417,9 +419,11 @@ def _run_tasks(tasks: list[tuple[str, str, str, str]], workers: int, init_args: 
         import torch
         from threadpoolctl import threadpool_limits
 
+        from preprocessing.morphology import one_thread
+
         threads = torch.get_num_threads()
         try:
-            with threadpool_limits(1):  # restores this process's BLAS/OpenMP threads afterwards
+            with threadpool_limits(1), one_thread():  # restore this process's BLAS/OpenMP/OpenCV threads after
                 _init_worker(*init_args)
                 for task in tasks:
                     yield work(task)
