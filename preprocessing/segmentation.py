@@ -75,7 +75,9 @@ from preprocessing.carrier import (
     block_reduce,
     count_true,
     detect_carrier,
+    exact_median,
     finite,
+    least_squares,
     line_fit_rows,
     local_range,
     masked_median,
@@ -380,7 +382,7 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
         right = extend(idx[-1] + 1, 1, part, lines=by_core)
         if float(ends_level(core_k[idx], idx).min()) <= ceiling:
             continue  # the core comes down to background at an end of the field: a bone, not a divider
-        white = float(np.median(meds[core_k[idx], idx])) >= 0.9  # unexposed white, not a cast (~0.8)
+        white = exact_median(meds[core_k[idx], idx]) >= 0.9  # unexposed white, not a cast (~0.8)
         if (left and right or white and (left or right)) and part.sum() - idx.size >= min_strip:
             band_core |= part  # fields on both sides (on one side when white: a limb may touch the other)
     for start, step in ((0, 1), (w - 1, -1)):  # strips along the frame sides
@@ -460,7 +462,7 @@ def _side_band_rows(a: np.ndarray, ok: np.ndarray, min_step: float = 0.3, d: int
         c0, slope = robust_line(seed.astype(np.float64), y[seed])
         if abs(slope) > max_tilt:  # a short seed: its slope is uncertain
             slope = float(np.clip(slope, -max_tilt, max_tilt))
-            c0 = float(np.median(y[seed] - slope * seed))
+            c0 = exact_median(y[seed] - slope * seed)
         if np.mean(np.abs(y[seed] - (c0 + slope * seed)) <= tol) < min_inliers:
             continue
         idx = np.flatnonzero(f & (np.abs(y - (c0 + slope * at)) <= tol))  # steps on the line
@@ -860,7 +862,7 @@ def _dark_peaks(v: np.ndarray, min_mass: float = 0.03) -> list[float]:
     if not peaks.size:
         return []
     darkest = centre[peaks[0]]  # the darkest always counts
-    mid = float(np.median(v))
+    mid = exact_median(v)
     below = peaks[(peaks == peaks[0]) | (centre[peaks] <= mid)]
     near = peaks[(peaks == peaks[0]) | ((centre[peaks] <= mid) & (centre[peaks] <= darkest + 0.12))]
     first, second = (float(centre[c[np.argmax(mass[c])]]) for c in (below, near))
@@ -928,7 +930,7 @@ def _background_from(g: np.ndarray, field: np.ndarray, noise: float, peak: float
         surface = _smooth_background(g, bg)
         d = g - surface
         resid = d[bg]
-        sigma = max(1.4826 * float(np.median(np.abs(resid - np.median(resid)))), 0.003)
+        sigma = max(1.4826 * exact_median(np.abs(resid - resid.dtype.type(exact_median(resid)))), 0.003)
         if it < iterations - 1:
             bg = field & (np.abs(d) <= max(3.0 * sigma, 0.03))
     if sigma > 4.0 * noise + 0.01:
@@ -1137,7 +1139,7 @@ def _pixel_noise(g: np.ndarray, valid: np.ndarray, bright: float = 0.9, floor: f
     they are most of the image; at least ``floor``."""
     keep = valid & (g > 0.02) & (g < bright)
     r = np.abs(g - ndi.uniform_filter(g, 3))[keep if keep.sum() >= 0.25 * valid.sum() else valid]
-    return max(1.4826 * float(np.median(r)), floor)
+    return max(1.4826 * exact_median(r), floor)
 
 
 def _segment_work(g: np.ndarray, valid: np.ndarray, keep_fraction: float, opening_radius: int,
@@ -1283,7 +1285,7 @@ def _is_flat(g: np.ndarray, comp: np.ndarray, tol: float = 0.05) -> bool:
     v = g[yy, xx].astype(np.float64)
     step = max(1, v.size // 3000)
     a = np.stack([np.ones(v.size), yy / g.shape[0], xx / g.shape[1]], axis=1)
-    coef = np.linalg.lstsq(a[::step], v[::step], rcond=None)[0]
+    coef = least_squares(a[::step], v[::step])
     return bool(np.mean(np.abs(v - a @ coef) <= tol) >= 0.9)
 
 

@@ -309,3 +309,36 @@ def test_count_true_counts_along_an_axis():
         got = count_true(b, axis)
         assert got.dtype == np.intp and np.array_equal(got, b.sum(axis=axis))
     assert np.array_equal(count_true(np.ones((2, 70000), dtype=bool), 1), [70000, 70000])  # past 16 bits
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 101, 20000, 20001])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_exact_median_is_numpys_median(n, dtype):
+    """The same value as ``np.median`` (mean of the two middle elements for even sizes, in the array's float
+    type): the background's spread and the pixel noise, which set the body threshold, are medians."""
+    from preprocessing.carrier import exact_median
+
+    a = (np.random.default_rng(n).random(n) * 100).astype(dtype)
+    assert exact_median(a) == float(np.median(a))
+    assert math.isnan(exact_median(np.zeros(0)))
+
+
+def test_least_squares_is_lstsq():
+    """Plane fits by the normal equations: lstsq's coefficients (float64: within 1e-12 relative, what the
+    conditioning of a plane over a few hundred pixels allows; float32 inputs: lstsq's float32 result within
+    its own precision, 1e-6); collinear points (a singular system) fall back to lstsq's minimum-norm solution."""
+    from preprocessing.carrier import least_squares
+
+    rng = np.random.default_rng(5)
+    for n in (10, 300, 3000):
+        x, y = rng.random(n) * 240, rng.random(n) * 190
+        a = np.stack([np.ones(n), x, y], axis=1)
+        v = 0.3 + 0.001 * x - 0.002 * y + rng.normal(0.0, 0.01, n)
+        want = np.linalg.lstsq(a, v, rcond=None)[0]
+        np.testing.assert_allclose(least_squares(a, v), want, rtol=1e-12, atol=1e-15)
+        a32, v32 = a.astype(np.float32), v.astype(np.float32)
+        got = least_squares(a32, v32)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, np.linalg.lstsq(a32, v32, rcond=None)[0], rtol=1e-6)
+    line = np.stack([np.ones(5), np.arange(5.0), np.arange(5.0)], axis=1)  # x = y: rank 2
+    np.testing.assert_allclose(least_squares(line, np.arange(5.0)), np.linalg.lstsq(line, np.arange(5.0), rcond=None)[0])
