@@ -1,6 +1,6 @@
 """Body-part masks and carrier verdicts against the verified reference masks: ``python -m benchmarks mask_quality``.
 
-The reference: ``tests/data/masks`` (77 masks of real radiographs of ``../shared/data``, 81 files;
+The reference: ``tests/data/masks`` (79 masks of real radiographs of ``../shared/data``, 83 files;
 see its README for the grid mapping and how the masks were made). For every file the production
 pipeline (``get_pipeline("folder", 512)``) runs up to the body-part mask, before the final resize;
 the mask (carrier crop padded back) is sampled at the reference blocks' centres and compared:
