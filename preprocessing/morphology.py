@@ -52,6 +52,8 @@ def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
         ``(labels (H, W) int32, n)``: 0 = background, components 1..n in raster order of their first pixel.
     """
     m = np.asarray(mask)
+    if m.size == 0:
+        return np.zeros(m.shape, dtype=np.int32), 0
     m = np.ascontiguousarray(m).view(np.uint8) if m.dtype == bool else (m != 0).view(np.uint8)
     n, lab = cv2.connectedComponents(m, connectivity=4, ltype=cv2.CV_32S)
     return lab, n - 1
@@ -61,11 +63,13 @@ def _filter(op: int, a: np.ndarray, size: int | tuple[int, int], cval: float | N
     sy, sx = (size, size) if isinstance(size, int) else size
     arr = np.asarray(a)
     dtype = arr.dtype
+    if arr.size == 0:  # (OpenCV refuses empty images)
+        return arr.copy()
     if dtype.kind == "b":
         src = np.ascontiguousarray(arr).view(np.uint8)
     elif dtype in (np.uint8, np.uint16, np.int16, np.float32, np.float64):
         src = np.ascontiguousarray(arr)
-    elif np.issubdtype(dtype, np.integer) and arr.size and -(2 ** 24) <= arr.min() and arr.max() <= 2 ** 24:
+    elif np.issubdtype(dtype, np.integer) and -(2 ** 24) <= arr.min() and arr.max() <= 2 ** 24:
         src = arr.astype(np.float32)  # labels, votes: exact in float32 below 2^24
     else:
         msg = f"max/min filter: unsupported dtype {dtype}"
@@ -110,6 +114,8 @@ def gaussian(a: np.ndarray, sigma: float, mode: str = "reflect", truncate: float
     arr = np.asarray(a)
     if arr.dtype not in (np.float32, np.float64):
         arr = arr.astype(np.float64)
+    if arr.size == 0:
+        return arr.copy()
     radius = int(truncate * float(sigma) + 0.5)
     k = 2 * radius + 1
     return cv2.GaussianBlur(np.ascontiguousarray(arr), (k, k), sigmaX=float(sigma), sigmaY=float(sigma),

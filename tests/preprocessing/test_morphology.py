@@ -65,6 +65,14 @@ def test_max_and_min_filters_are_scipy_filters(size):
                                               ndi.maximum_filter(a, size=size, mode="constant", cval=cval))
 
 
+def test_empty_arrays_pass_through():
+    for shape in ((0, 5), (4, 0)):
+        assert label(np.zeros(shape, bool))[1] == 0 and label(np.zeros(shape, bool))[0].shape == shape
+        assert max_filter(np.zeros(shape, np.int32), 3).shape == shape
+        assert min_filter(np.zeros(shape, bool), 3, cval=1).shape == shape
+        assert gaussian(np.zeros(shape, np.float32), 1.0).shape == shape
+
+
 def test_max_filter_rejects_what_it_cannot_do_exactly():
     with pytest.raises(TypeError, match="unsupported dtype"):
         max_filter(np.full((4, 4), 2**40, dtype=np.int64), 3)
