@@ -58,13 +58,14 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import Crop, InvertibleTransform, MapTransform
 from monai.utils import convert_data_type
 from scipy import ndimage as ndi
-from skimage.feature import canny
+from skimage import feature as _skfeature
 from skimage.filters import threshold_yen
 from skimage.transform import hough_line
 
@@ -166,6 +167,65 @@ def finite(image: np.ndarray) -> np.ndarray:
     """``image`` as float32, NaN/inf replaced like ``np.nan_to_num`` (no copy when already finite float32)."""
     arr = np.asarray(image).astype(np.float32, copy=False)
     return arr if np.isfinite(arr).all() else np.nan_to_num(arr)
+
+
+try:  # the non-maximum suppression of scikit-image's Canny (a compiled kernel of its own, not public API)
+    from skimage.feature._canny_cy import _nonmaximum_suppression_bilinear
+except ImportError:  # pragma: no cover - another scikit-image layout: its public canny is used
+    _nonmaximum_suppression_bilinear = None
+
+
+@functools.lru_cache(maxsize=16)
+def _canny_bleed_over(shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """scikit-image's Canny normalisation for its ``constant`` mode: the Gaussian of an all-ones image (+ eps),
+    float32 (the same for every image of a shape: computed once)."""
+    out = ndi.gaussian_filter(np.ones(shape, dtype=np.float32), sigma, mode="constant", cval=0.0, truncate=4.0)
+    out += np.finfo(np.float32).eps
+    out.flags.writeable = False
+    return out
+
+
+def _sobel(x: np.ndarray, axis: int) -> np.ndarray:
+    """``scipy.ndimage.sobel(x, axis)`` of a float32 image (``reflect`` borders), the same values ~2x faster:
+    the derivative ``[-1, 0, 1]`` along ``axis`` rounded to float32 (scipy stores it so), then ``[1, 2, 1]``
+    across summed in float64 and rounded once, as scipy's double accumulator does."""
+    p = np.pad(x, 1, mode="symmetric")  # scipy's "reflect": the edge sample repeated
+    if axis == 1:
+        d = p[:, 2:] - p[:, :-2]
+        s = d[:-2].astype(np.float64) + 2.0 * d[1:-1] + d[2:]
+    else:
+        d = p[2:, :] - p[:-2, :]
+        s = d[:, :-2].astype(np.float64) + 2.0 * d[:, 1:-1] + d[:, 2:]
+    return s.astype(np.float32)
+
+
+def canny(image: np.ndarray, sigma: float, low_threshold: float, high_threshold: float) -> np.ndarray:
+    """``skimage.feature.canny(image, sigma, low_threshold, high_threshold)`` of a float32 image in [0, 1]:
+    the same edges, with the same Gaussian, Sobel and non-maximum suppression steps, ~2x faster: the
+    normalisation of its zero-padded Gaussian (a Gaussian of ones) is computed once per image shape, the
+    Sobel derivatives by :func:`_sobel`, and the hysteresis labels the 8-connected weak edges with OpenCV (:func:`~preprocessing.morphology.label`
+    is 4-connected; any labelling of the same components selects the same edges)."""
+    img = np.asarray(image)
+    if _nonmaximum_suppression_bilinear is None or img.dtype != np.float32 or img.ndim != 2 or min(img.shape) < 3:
+        return _skfeature.canny(image, sigma=sigma, low_threshold=low_threshold, high_threshold=high_threshold)
+    smoothed = ndi.gaussian_filter(img, sigma, mode="constant", cval=0.0, truncate=4.0)
+    smoothed /= _canny_bleed_over(img.shape, float(sigma))
+    jsobel = _sobel(smoothed, 1)
+    isobel = _sobel(smoothed, 0)
+    magnitude = isobel * isobel
+    magnitude += jsobel * jsobel
+    np.sqrt(magnitude, out=magnitude)
+    inner = np.zeros(img.shape, dtype=bool)  # the border pixels are never edges
+    inner[1:-1, 1:-1] = True
+    low_masked = _nonmaximum_suppression_bilinear(isobel, jsobel, magnitude, inner, low_threshold)
+    low_mask = low_masked > 0
+    count, labels = cv2.connectedComponents(low_mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    if count <= 1:
+        return low_mask
+    good = np.zeros(count, dtype=bool)
+    good[labels[low_mask & (low_masked >= high_threshold)]] = True
+    good[0] = False
+    return good[labels]
 
 
 def local_range(g: np.ndarray, size: int = 5) -> np.ndarray:

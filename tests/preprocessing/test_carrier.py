@@ -342,3 +342,24 @@ def test_least_squares_is_lstsq():
         np.testing.assert_allclose(got, np.linalg.lstsq(a32, v32, rcond=None)[0], rtol=1e-6)
     line = np.stack([np.ones(5), np.arange(5.0), np.arange(5.0)], axis=1)  # x = y: rank 2
     np.testing.assert_allclose(least_squares(line, np.arange(5.0)), np.linalg.lstsq(line, np.arange(5.0), rcond=None)[0])
+
+
+def test_canny_and_sobel_are_scikit_images():
+    """The carrier's Canny (a cached normalisation, the Sobel derivatives in float64, OpenCV's labels) gives
+    ``skimage.feature.canny``'s edges, and its Sobel ``scipy.ndimage.sobel``'s values, bit for bit."""
+    from scipy import ndimage as ndi
+    from skimage.feature import canny as skimage_canny
+
+    from preprocessing.carrier import _sobel, canny
+
+    rng = np.random.default_rng(6)
+    for _ in range(60):
+        h, w = (int(v) for v in rng.integers(3, 160, 2))
+        g = ndi.gaussian_filter(rng.random((h, w)), rng.uniform(0.5, 3.0)).astype(np.float32)
+        low = float(rng.uniform(0.001, 0.05))
+        np.testing.assert_array_equal(canny(g, 1.0, low, 2 * low),
+                                      skimage_canny(g, sigma=1.0, low_threshold=low, high_threshold=2 * low))
+        for axis in (0, 1):
+            np.testing.assert_array_equal(_sobel(g, axis), ndi.sobel(g, axis=axis))
+    flat = np.full((20, 20), 0.5, dtype=np.float32)  # no edge at all
+    assert not canny(flat, 1.0, 0.03, 0.06).any()
