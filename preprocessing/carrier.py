@@ -627,6 +627,58 @@ def _edge_positions_batch(prof: np.ndarray, inner: np.ndarray, outer: np.ndarray
     return np.where(np.isfinite(pos), pos, 99.0), step
 
 
+def _border_stats(meas: Sequence[tuple], min_contrast: float, edge_tolerance: float) -> dict[str, np.ndarray]:
+    """The step-border statistics of refined lines, all at once (each row as :meth:`_Detector._judge` once took
+    them line by line, the same values): per line ``m_out`` (median exterior band level), the samples ``ok``
+    where the step is there (contrast >= half the line's and >= ``min_contrast``; exterior band within ``tol``
+    of ``m_out``, ``tol = max(0.03, 3 sigma, contrast / 4)``; position within ``edge_tolerance``), their
+    ``count``, ``first`` and ``last``, the ``coverage`` of the stretch between them (samples whose exterior
+    band is disturbed, a marker on the border, not counted when <= 15 % of it), ``straightness`` (robust
+    spread of the step positions), ``jitter`` (its noise part: differences 3 samples apart / sqrt 2) and
+    ``sharpness`` (steepest 1-px rise / contrast, median). Medians are the upper middle element
+    (:func:`_median`, :func:`masked_median`).
+
+    Args:
+        meas: per line the measurement of :meth:`_Detector._refine_batch` (``pts, d, inner, outer, diff,
+            contrast, sign, pos, step``; the arrays over the line's valid samples).
+    """
+    n_l = len(meas)
+    t_max = max(1, max(len(m[3]) for m in meas))
+    outer, diff, pos, step = (np.zeros((n_l, t_max)) for _ in range(4))
+    valid = np.zeros((n_l, t_max), dtype=bool)
+    contrast = np.array([m[5] for m in meas], dtype=np.float64)
+    sign = np.array([m[6] for m in meas], dtype=np.float64)
+    for j, m in enumerate(meas):
+        k = len(m[3])
+        outer[j, :k], diff[j, :k], pos[j, :k], step[j, :k], valid[j, :k] = m[3], m[4], m[7], m[8], True
+    m_out = masked_median(outer, valid)
+    dev = np.abs(outer - m_out[:, None])
+    sigma = 1.4826 * masked_median(dev, valid)
+    tol = np.maximum(np.maximum(0.03, 3.0 * np.maximum(sigma, 0.004)), 0.25 * np.abs(contrast))
+    least = np.maximum(min_contrast, 0.5 * np.abs(contrast))
+    ok = valid & (sign[:, None] * diff >= least[:, None]) & (dev <= tol[:, None]) \
+        & (np.abs(pos) <= edge_tolerance)
+    count = ok.sum(axis=1)
+    first = np.argmax(ok, axis=1)
+    last = t_max - 1 - np.argmax(ok[:, ::-1], axis=1)
+    cols = np.arange(t_max)[None, :]
+    span = (cols >= first[:, None]) & (cols <= last[:, None])
+    disturbed = (span & (dev > tol[:, None])).sum(axis=1)
+    width = last - first + 1
+    n_disturbed = np.where(disturbed / np.maximum(width, 1) <= 0.15, disturbed, 0)  # markers are short
+    coverage = count / np.maximum(width - n_disturbed, 1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        straightness = 1.4826 * masked_median(np.abs(pos), ok)
+        sharpness = masked_median(step / np.abs(diff), ok)
+    order = np.argsort(~ok, axis=1, kind="stable")  # each line's ok samples first, in order
+    pk = np.take_along_axis(pos, order, axis=1)
+    d3 = np.abs(pk[:, 3:] - pk[:, :-3]) if t_max > 3 else np.zeros((n_l, 0))
+    n3 = np.arange(d3.shape[1])[None, :] < (count - 3)[:, None]
+    jitter = np.where(count > 6, 1.4826 * masked_median(d3, n3) / math.sqrt(2.0) if d3.size else 0.0, 0.0)
+    return {"m_out": m_out, "count": count, "first": first, "last": last, "coverage": coverage,
+            "straightness": straightness, "jitter": jitter, "sharpness": sharpness}
+
+
 class _Detector:
     """One detection run on a working copy ``g (h, w)`` (smoothed, [0, 1])."""
 
@@ -827,33 +879,42 @@ class _Detector:
 
     def _judge(self, n: np.ndarray, c: float, m: tuple) -> CarrierSide | None:
         """Judge a refined line (see :meth:`evaluate`) from its final measurement ``m``."""
+        return self._judge_batch([(n, c, m)])[0]
+
+    def _judge_batch(self, refined: Sequence[tuple[np.ndarray, float, tuple]]) -> list[CarrierSide | None]:
+        """:meth:`_judge` of several refined lines: the border statistics of all of them at once
+        (:func:`_border_stats`: most lines end there), then the exterior tests line by line."""
+        if not refined:
+            return []
+        p = self.p
+        stats = _border_stats([m for _, _, m in refined], p.min_contrast, p.edge_tolerance)
+        out: list[CarrierSide | None] = []
+        for j, (n, c, m) in enumerate(refined):
+            along = self.w if abs(n[1]) > abs(n[0]) else self.h
+            count, i0, i1 = int(stats["count"][j]), int(stats["first"][j]), int(stats["last"][j]) + 1
+            length = count / float(along)
+            if length < p.min_length:
+                self._reject(n, c, f"edge length {length:.2f}")
+                out.append(None)
+                continue
+            coverage, straightness = float(stats["coverage"][j]), float(stats["straightness"][j])
+            jitter = float(stats["jitter"][j])
+            spread_limit = max(p.max_residual, 2.0 * jitter)
+            if straightness > 2.0 * spread_limit or coverage < 0.6:
+                self._reject(n, c, f"not a straight border (spread {straightness:.2f} px, coverage {coverage:.2f})")
+                out.append(None)
+                continue
+            out.append(self._judge_exterior(n, c, m, float(stats["m_out"][j]), length, i0, i1, coverage,
+                                            straightness, jitter, spread_limit, float(stats["sharpness"][j])))
+        return out
+
+    def _judge_exterior(self, n: np.ndarray, c: float, m: tuple, m_out: float, length: float, i0: int, i1: int,
+                        coverage: float, straightness: float, jitter: float, spread_limit: float,
+                        sharpness: float) -> CarrierSide | None:
+        """The rest of :meth:`_judge` for a line with a straight step border: the side's slot and ends (a
+        border, whatever its exterior), its straightness limit, then the exterior half-plane."""
         p = self.p
         pts, d, inner, outer, diff, contrast, sign, pos, step = m
-        # ---- judge the border: a straight step along one segment (markers may interrupt it)
-        m_out = float(_median(outer))
-        tol = max(0.03, 3.0 * max(_robust_sigma(outer), 0.004), 0.25 * abs(contrast))
-        ok = (sign * diff >= max(p.min_contrast, 0.5 * abs(contrast))) & (np.abs(outer - m_out) <= tol) \
-            & (np.abs(pos) <= p.edge_tolerance)
-        along = self.w if abs(n[1]) > abs(n[0]) else self.h
-        idx = np.flatnonzero(ok)
-        length = idx.size / float(along)
-        if length < p.min_length:
-            self._reject(n, c, f"edge length {length:.2f}")
-            return None
-        i0, i1 = idx[0], idx[-1] + 1
-        # samples whose exterior band is disturbed (a marker lying on the border) neither count for nor
-        # against the side; a step missing or off the line where the exterior is clean counts against
-        disturbed = np.abs(outer[i0:i1] - m_out) > tol
-        n_disturbed = int(disturbed.sum()) if disturbed.mean() <= 0.15 else 0  # markers are short
-        coverage = idx.size / float(max(i1 - i0 - n_disturbed, 1))
-        straightness = float(1.4826 * _median(np.abs(pos[ok])))  # robust spread of the step about the line
-        pk = pos[ok]  # noise part of it: position differences 3 samples apart (past the blur's correlation)
-        jitter = float(1.4826 * _median(np.abs(pk[3:] - pk[:-3]))) / math.sqrt(2.0) if pk.size > 6 else 0.0
-        spread_limit = max(p.max_residual, 2.0 * jitter)
-        sharpness = float(_median(step[ok] / np.abs(diff[ok])))  # steepest 1-px rise / contrast
-        if straightness > 2.0 * spread_limit or coverage < 0.6:
-            self._reject(n, c, f"not a straight border (spread {straightness:.2f} px, coverage {coverage:.2f})")
-            return None
         if abs(n[0]) >= abs(n[1]):
             slot = "right" if n[0] > 0 else "left"
         else:
@@ -991,10 +1052,8 @@ class _Detector:
                 for sg, keep in zip((1.0, -1.0), ok, strict=True) if keep]
         if not todo:
             return sides
-        for refined in self._refine_batch(todo):
-            side = None if refined is None else self._judge(*refined)
-            if side is not None:
-                sides.append(side)
+        refined = [r for r in self._refine_batch(todo) if r is not None]
+        sides.extend(side for side in self._judge_batch(refined) if side is not None)
         return sides
 
 

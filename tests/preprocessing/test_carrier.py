@@ -363,3 +363,33 @@ def test_canny_and_sobel_are_scikit_images():
             np.testing.assert_array_equal(_sobel(g, axis), ndi.sobel(g, axis=axis))
     flat = np.full((20, 20), 0.5, dtype=np.float32)  # no edge at all
     assert not canny(flat, 1.0, 0.03, 0.06).any()
+
+
+def test_judging_refined_lines_in_a_batch_is_judging_them_one_by_one():
+    """The step-border statistics are computed for all refined lines at once (padded to one length): each
+    line's verdict, reasons and border must not depend on the other lines of the batch."""
+    from preprocessing.carrier import _Detector, _Params
+    from preprocessing.morphology import gaussian
+
+    for seed in (3, 5, 11):
+        ph = make_phantom(random_spec(np.random.default_rng(seed)), seed)
+        x = ph.display().astype(np.float32)
+        x = (x - x.min()) / max(float(x.max() - x.min()), 1e-6)
+        small, _, _ = work_copy(x, 256)
+        p = _Params(256, 20.0, 0.06, 0.85, 0.9, 0.3, 0.25, 1.5, 0.4, 1.5, 24)  # detect_carrier's defaults
+        det = _Detector(gaussian(small, 1.0), p)
+        lines = det.candidates()
+        todo = [(sg * n, sg * c) for (n, c), ok in zip(lines, det._screen(lines), strict=True)
+                for sg, keep in zip((1.0, -1.0), ok, strict=True) if keep]
+        refined = [r for r in det._refine_batch(todo) if r is not None]
+        det.log.clear()
+        det.borders.clear()
+        together = det._judge_batch(refined)
+        log, borders = list(det.log), list(det.borders)
+        det.log.clear()
+        det.borders.clear()
+        alone = [det._judge(*r) for r in refined]
+        assert len(refined) >= 3 and any(s is not None for s in alone)  # lines rejected and accepted alike
+        assert [s is None for s in together] == [s is None for s in alone]
+        assert [s.offset for s in together if s] == [s.offset for s in alone if s]
+        assert log == det.log and [b.offset for b in borders] == [b.offset for b in det.borders]
