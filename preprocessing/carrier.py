@@ -58,7 +58,6 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -203,8 +202,8 @@ def canny(image: np.ndarray, sigma: float, low_threshold: float, high_threshold:
     """``skimage.feature.canny(image, sigma, low_threshold, high_threshold)`` of a float32 image in [0, 1]:
     the same edges, with the same Gaussian, Sobel and non-maximum suppression steps, ~2x faster: the
     normalisation of its zero-padded Gaussian (a Gaussian of ones) is computed once per image shape, the
-    Sobel derivatives by :func:`_sobel`, and the hysteresis labels the 8-connected weak edges with OpenCV (:func:`~preprocessing.morphology.label`
-    is 4-connected; any labelling of the same components selects the same edges)."""
+    Sobel derivatives by :func:`_sobel`, and the hysteresis labels the 8-connected weak edges with OpenCV
+    (:func:`~preprocessing.morphology.label`)."""
     img = np.asarray(image)
     if _nonmaximum_suppression_bilinear is None or img.dtype != np.float32 or img.ndim != 2 or min(img.shape) < 3:
         return _skfeature.canny(image, sigma=sigma, low_threshold=low_threshold, high_threshold=high_threshold)
@@ -219,10 +218,10 @@ def canny(image: np.ndarray, sigma: float, low_threshold: float, high_threshold:
     inner[1:-1, 1:-1] = True
     low_masked = _nonmaximum_suppression_bilinear(isobel, jsobel, magnitude, inner, low_threshold)
     low_mask = low_masked > 0
-    count, labels = cv2.connectedComponents(low_mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-    if count <= 1:
+    labels, count = label(low_mask, connectivity=8)
+    if count == 0:
         return low_mask
-    good = np.zeros(count, dtype=bool)
+    good = np.zeros(count + 1, dtype=bool)
     good[labels[low_mask & (low_masked >= high_threshold)]] = True
     good[0] = False
     return good[labels]
@@ -890,30 +889,29 @@ class _Detector:
         stats = _border_stats([m for _, _, m in refined], p.min_contrast, p.edge_tolerance)
         out: list[CarrierSide | None] = []
         for j, (n, c, m) in enumerate(refined):
-            along = self.w if abs(n[1]) > abs(n[0]) else self.h
-            count, i0, i1 = int(stats["count"][j]), int(stats["first"][j]), int(stats["last"][j]) + 1
-            length = count / float(along)
-            if length < p.min_length:
-                self._reject(n, c, f"edge length {length:.2f}")
+            b = {key: float(value[j]) for key, value in stats.items()}  # this line's border
+            b["length"] = b["count"] / float(self.w if abs(n[1]) > abs(n[0]) else self.h)
+            if b["length"] < p.min_length:
+                self._reject(n, c, f"edge length {b['length']:.2f}")
                 out.append(None)
                 continue
-            coverage, straightness = float(stats["coverage"][j]), float(stats["straightness"][j])
-            jitter = float(stats["jitter"][j])
-            spread_limit = max(p.max_residual, 2.0 * jitter)
-            if straightness > 2.0 * spread_limit or coverage < 0.6:
-                self._reject(n, c, f"not a straight border (spread {straightness:.2f} px, coverage {coverage:.2f})")
+            b["spread_limit"] = max(p.max_residual, 2.0 * b["jitter"])
+            if b["straightness"] > 2.0 * b["spread_limit"] or b["coverage"] < 0.6:
+                self._reject(n, c, f"not a straight border (spread {b['straightness']:.2f} px, "
+                                   f"coverage {b['coverage']:.2f})")
                 out.append(None)
                 continue
-            out.append(self._judge_exterior(n, c, m, float(stats["m_out"][j]), length, i0, i1, coverage,
-                                            straightness, jitter, spread_limit, float(stats["sharpness"][j])))
+            out.append(self._judge_exterior(n, c, m, b))
         return out
 
-    def _judge_exterior(self, n: np.ndarray, c: float, m: tuple, m_out: float, length: float, i0: int, i1: int,
-                        coverage: float, straightness: float, jitter: float, spread_limit: float,
-                        sharpness: float) -> CarrierSide | None:
-        """The rest of :meth:`_judge` for a line with a straight step border: the side's slot and ends (a
-        border, whatever its exterior), its straightness limit, then the exterior half-plane."""
+    def _judge_exterior(self, n: np.ndarray, c: float, m: tuple, b: dict[str, float]) -> CarrierSide | None:
+        """The rest of :meth:`_judge` for a line with a straight step border ``b`` (its row of
+        :func:`_border_stats` with ``length`` and ``spread_limit``): the side's slot and ends (a border,
+        whatever its exterior), its straightness limit, then the exterior half-plane."""
         p = self.p
+        m_out, length, coverage = b["m_out"], b["length"], b["coverage"]
+        straightness, jitter, sharpness = b["straightness"], b["jitter"], b["sharpness"]
+        i0, i1 = int(b["first"]), int(b["last"]) + 1
         pts, d, inner, outer, diff, contrast, sign, pos, step = m
         if abs(n[0]) >= abs(n[1]):
             slot = "right" if n[0] > 0 else "left"
@@ -925,7 +923,7 @@ class _Detector:
                                         coverage=coverage, homogeneity=0.0, exterior_level=m_out,
                                         length=length, ends=ends, straightness=straightness,
                                         sharpness=sharpness))  # good enough to mark a corner
-        if straightness > spread_limit or coverage < p.min_coverage:  # skin, bone outlines curve smoothly
+        if straightness > b["spread_limit"] or coverage < p.min_coverage:  # skin, bone outlines curve smoothly
             self._reject(n, c, f"not straight enough (spread {straightness:.2f} px, jitter {jitter:.2f}, "
                                f"coverage {coverage:.2f})")
             return None

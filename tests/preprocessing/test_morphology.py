@@ -26,16 +26,17 @@ def _masks(seed: int = 0):
         yield np.zeros(shape, bool)
 
 
+@pytest.mark.parametrize("connectivity", [4, 8])
 @pytest.mark.parametrize("threads", [1, 4])
-def test_label_is_scipy_label_in_raster_order(threads):
+def test_label_is_scipy_label_in_raster_order(threads, connectivity):
     """Same labels, numbered the same (callers index ``find_objects`` and per-label sums by them), on one
     thread and on OpenCV's parallel labelling alike."""
     before = cv2.getNumThreads()
     cv2.setNumThreads(threads)
     try:
         for mask in _masks():
-            want, n_want = ndi.label(mask)
-            got, n = label(mask)
+            want, n_want = ndi.label(mask, None if connectivity == 4 else np.ones((3, 3)))
+            got, n = label(mask, connectivity)
             assert n == n_want
             assert got.dtype == np.int32 and got.shape == mask.shape
             np.testing.assert_array_equal(got, want)
