@@ -102,7 +102,7 @@ def _ratio(files: list[tuple[str, Path]], repeats: int, size: int, out: Path, op
             t1 = time.process_time()
             res = pipe({"image": str(path)})
             write_png(to_png_array(res["image"], 8), out / "image.png")
-            write_png(to_png_array(res["mask"], 8), out / "mask.png")
+            write_png(to_png_array(res["mask"], 8), out / "mask.png", row_filter="none")  # as preprocess does
             t2 = time.process_time()
             times.setdefault((path, "floor"), []).append(t1 - t0)
             times.setdefault((path, "pre"), []).append(t2 - t1)

@@ -85,12 +85,18 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 
 def encode_png(array, compress_level: int = PNG_COMPRESS_LEVEL, name: str = "array",
-               compress_type: int | None = PNG_COMPRESS_TYPE) -> bytes:
+               compress_type: int | None = PNG_COMPRESS_TYPE, row_filter: str = "adaptive") -> bytes:
     """The PNG bytes of a ``(H, W)`` uint8 or uint16 array (grey); ``compress_type``: the zlib strategy
     (``None``: zlib's default).
 
+    ``row_filter``: PNG's per-row prediction before zlib: ``"adaptive"`` (Pillow: a filter chosen per
+    row, best for radiographs) or ``"none"`` (rows as they are, by OpenCV's encoder: for masks, whose
+    runs of 0 and 255 zlib's run-length matching packs directly; measured on a 512x512 mask: 0.33 ms
+    and 1.6 kB against 1.25 ms and 1.7 kB adaptive).
+
     Raises:
-        ValueError: not a 2-D uint8/uint16 array (the message starts with ``name``).
+        ValueError: not a 2-D uint8/uint16 array (the message starts with ``name``), or an unknown
+            ``row_filter``.
     """
     import io
 
@@ -101,19 +107,35 @@ def encode_png(array, compress_level: int = PNG_COMPRESS_LEVEL, name: str = "arr
     if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):
         msg = f"write_png {name}: need a 2-D uint8/uint16 array, got {arr.dtype} {arr.shape}"
         raise ValueError(msg)
+    if row_filter == "none":
+        import cv2
+
+        # (zlib's strategy numbers are OpenCV's IMWRITE_PNG_STRATEGY values)
+        params = [cv2.IMWRITE_PNG_COMPRESSION, compress_level, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE,
+                  cv2.IMWRITE_PNG_STRATEGY, zlib.Z_DEFAULT_STRATEGY if compress_type is None else compress_type]
+        ok, data = cv2.imencode(".png", arr, params)
+        if not ok:
+            msg = f"write_png {name}: OpenCV could not encode the {arr.dtype} {arr.shape} array"
+            raise ValueError(msg)
+        return data.tobytes()
+    if row_filter != "adaptive":
+        msg = f"write_png {name}: row_filter must be 'adaptive' or 'none', got {row_filter!r}"
+        raise ValueError(msg)
     buf = io.BytesIO()
     options = {} if compress_type is None else {"compress_type": compress_type}
     Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level, **options)
     return buf.getvalue()
 
 
-def write_png(array, path: str | os.PathLike, compress_level: int = PNG_COMPRESS_LEVEL) -> Path:
-    """Write a ``(H, W)`` uint8 or uint16 array as a grey PNG, atomically (temp file + rename).
+def write_png(array, path: str | os.PathLike, compress_level: int = PNG_COMPRESS_LEVEL,
+              row_filter: str = "adaptive") -> Path:
+    """Write a ``(H, W)`` uint8 or uint16 array as a grey PNG, atomically (temp file + rename);
+    ``row_filter``: see :func:`encode_png` (``"none"`` for masks).
 
     Raises:
         ValueError: not a 2-D uint8/uint16 array.
     """
-    return atomic_write_bytes(path, encode_png(array, compress_level, name=str(path)))
+    return atomic_write_bytes(path, encode_png(array, compress_level, name=str(path), row_filter=row_filter))
 
 
 # the temporary names of atomic_path: "." + stem + "." + 8 mkstemp characters + suffix

@@ -167,8 +167,8 @@ class FixPolarity(Transform):
         invert = not (self.skip_dicom and is_dicom) and background_is_bright(img, self.border, self.threshold)
         out = self._invert(img) if invert else img
         if isinstance(out, MetaTensor):
-            if out is img:
-                out = out.clone()
+            if out is img:  # a new MetaTensor on the same pixels (left as they are): the input's meta untouched
+                out = MetaTensor(img.as_tensor(), meta=dict(img.meta), applied_operations=list(img.applied_operations))
             out.meta["inverted"] = bool(invert)
         return out
 

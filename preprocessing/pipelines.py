@@ -146,15 +146,15 @@ class _RecordMaskd(MapTransform):
         d = dict(data)
         img = d[self.keys[0]]
         mask = d[self.mask_key]
-        m = (mask.as_tensor() if isinstance(mask, MetaTensor) else torch.as_tensor(mask)) > 0
+        m = mask.as_tensor() if isinstance(mask, MetaTensor) else torch.as_tensor(mask)
+        m = (m if m.dtype == torch.bool else m > 0).view(torch.uint8)  # (a bool mask: 0/1 bytes as they are)
         if isinstance(img, MetaTensor):
-            img.meta["mask_fraction"] = float(m.float().mean())
+            img.meta["mask_fraction"] = int(torch.count_nonzero(m)) / max(m.numel(), 1)
             img.meta.setdefault("carrier_found", False)
             img.meta.setdefault("inverted", False)
-            mask_t = MetaTensor(m.to(torch.uint8), meta=dict(img.meta),
-                                applied_operations=list(img.applied_operations))
+            mask_t = MetaTensor(m, meta=dict(img.meta), applied_operations=list(img.applied_operations))
         else:
-            mask_t = m.to(torch.uint8)
+            mask_t = m
         d[self.mask_key] = mask_t
         return d
 

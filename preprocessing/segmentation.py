@@ -287,7 +287,8 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
     # only lines that can matter: near the frame sides, or within reach of a possible core (a line
     # that is bright on >= 10 % of its length untilted; a tilted core drifts <= 0.08 h / 2)
     reach = max_d + 7 + int(0.04 * h)
-    cand = ((g[::step] >= bright_level) & valid[::step]).mean(axis=0) >= 0.1
+    bright = g >= bright_level
+    cand = (bright[::step] & valid[::step]).mean(axis=0) >= 0.1
     cand = ndi.maximum_filter1d(cand.view(np.uint8), 2 * reach + 1).astype(bool)
     cand[: max_d + 7] = True
     cand[w - max_d - 7:] = True
@@ -296,75 +297,102 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
         flat, inside = flat_all, inside_all
     else:
         flat, inside = np.take(flat_all, sel, axis=1), np.take(inside_all, sel, axis=1)
+    at_sel = np.full(w, -1, dtype=np.intp)  # column -> its place in sel (-1: never looked at)
+    at_sel[sel] = np.arange(sel.size)
+    g_flat = g.ravel()
     ok = inside & np.take(valid.ravel(), flat) if not valid.all() else inside
     n_valid = count_true(ok, 2)  # (S, Wc)
     n_ok = np.maximum(n_valid, 1)
-    v = np.take(g.ravel(), flat)
     k = n_rows // 2
     n_s = len(_SHEARS)
-    meds = np.full((n_s, w), -1.0)
-    uni, spans, brights = np.zeros((n_s, w)), np.zeros((n_s, w)), np.zeros((n_s, w))
+    tilt_cost = 0.01 * np.abs(np.asarray(_SHEARS))  # ties: the least tilt
+    spans, brights = np.zeros((n_s, w)), np.zeros((n_s, w))
     reaches = np.zeros((n_s, w), dtype=bool)
-    med = np.partition(np.where(ok, v, -1.0), k, axis=2)[:, :, k]  # invalid samples sort first (few)
-    meds[:, sel] = med
-    near = ok & (np.abs(v - med[:, :, None]) <= tol)  # samples within tol of the line's median
-    uni[:, sel] = count_true(near, 2) / n_ok
     spans[:, sel] = n_valid / float(n_rows)
     end = max(2, n_rows // 16)  # a band runs from frame to frame: no background at either end
-    reaches[:, sel] = (v[:, :, :end].mean(axis=2) > ceiling) & (v[:, :, -end:].mean(axis=2) > ceiling)
-    lit = ok & (v >= bright_level)  # = ok & bright at the samples
+    reaches[:, sel] = ((np.take(g_flat, flat[:, :, :end]).mean(axis=2) > ceiling)
+                       & (np.take(g_flat, flat[:, :, -end:]).mean(axis=2) > ceiling))
+    lit = ok & np.take(bright.ravel(), flat)  # the valid samples at unexposed white
     n_lit = count_true(lit, 2)
     ratio = n_lit / n_ok
     # the bright samples agree (a cast or a bone varies along its length); only a line bright on
     # >= min_bright of it can be a core, so only those are checked (the others' value never matters)
     maybe = np.nonzero(ratio >= min_bright)
     if maybe[0].size:
-        lit_m, v_m, n_m = lit[maybe], v[maybe], n_lit[maybe]
+        lit_m, v_m, n_m = lit[maybe], np.take(g_flat, flat[maybe]), n_lit[maybe]
         lit_mean = np.where(lit_m, v_m, 0.0).sum(axis=1) / np.maximum(n_m, 1)
         agree = (lit_m & (np.abs(v_m - lit_mean[:, None]) <= _CORE_TOL)).sum(axis=1) >= _CORE_AGREE * n_m
         brights[maybe[0], sel[maybe[1]]] = np.where(agree, ratio[maybe], 0.0)
+    at = np.arange(w)
+    core_k = np.argmax(brights, axis=0)
+    core = (brights[core_k, at] >= min_bright) & (spans[core_k, at] >= min_span) & reaches[core_k, at]
+    any_core = bool(core.any())
+
+    # A line's median and uniformity (the costly part: a partial sort per line) only for the lines a
+    # band's extension reaches or a core holds, computed on first use; a line never looked at keeps
+    # median -1 (it stops any extension) as does one off `sel`.
+    meds, uni = np.full((n_s, w), -1.0), np.zeros((n_s, w))
+    uni_dim = np.zeros((n_s, w))  # uniform apart from unexposed white (for the extension from a core)
+    done = ~cand  # (off sel: nothing to compute)
+
+    def compute(xs: np.ndarray) -> None:
+        """Medians and uniformity of the tilted lines through columns ``xs`` (in ``sel``)."""
+        j = at_sel[xs]
+        o, v = ok[:, j], np.take(g_flat, flat[:, j])
+        med = np.partition(np.where(o, v, -1.0), k, axis=2)[:, :, k]  # invalid samples sort first (few)
+        near = o & (np.abs(v - med[:, :, None]) <= tol)  # samples within tol of the line's median
+        u = count_true(near, 2) / n_ok[:, j]
+        meds[:, xs], uni[:, xs] = med, u
+        # a divider's core widening along its length, a shutter band at its end: the strips next to a
+        # wedge-shaped core are uniform apart from the unexposed white crossing them, on <= half of the line
+        n_dim = n_ok[:, j] - n_lit[:, j]
+        uni_dim[:, xs] = np.maximum(u, np.where(n_dim >= 0.5 * n_ok[:, j],
+                                                count_true(near & ~lit[:, j], 2) / np.maximum(n_dim, 1), 0.0))
+        done[xs] = True
+
+    def ensure(xs: np.ndarray) -> None:
+        todo = xs[~done[xs]]
+        if todo.size:
+            compute(todo)
+
+    def line(x: int, by_core: bool, ahead: int = 1) -> tuple[float, float, float, int]:
+        """Column ``x``'s most uniform tilt: ``(uniformity, median, span, tilt index)``; from a core,
+        uniform apart from unexposed white counts too. Computes the lines up to ``ahead - 1`` columns
+        beyond ``x`` too (signed: the direction of a walk)."""
+        if not done[x]:
+            ensure(np.arange(x, min(w, max(-1, x + ahead)), 1 if ahead > 0 else -1))
+        u = uni_dim if by_core and any_core else uni
+        b = int(np.argmax(u[:, x] - tilt_cost))
+        return float(u[b, x]), float(meds[b, x]), float(spans[b, x]), b
 
     def ends_level(ks: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """The darker of the two ends of lines ``(ks, xs)`` (mean of their first and last 3 valid samples,
         not the carrier's exterior beyond them): a band crossing the field stays above background there,
         a limb ending inside the field (a bone with its soft tissue) comes down to it."""
-        at_sel = np.searchsorted(sel, xs)
-        o, vv = ok[ks, at_sel], v[ks, at_sel]
+        j = at_sel[xs]
+        o, vv = ok[ks, j], np.take(g_flat, flat[ks, j])
         seen = np.cumsum(o, axis=1)
         head, tail = o & (seen <= 3), o & (seen > seen[:, -1:] - 3)
         return np.minimum(np.where(head, vv, 0.0).sum(axis=1) / np.maximum(head.sum(axis=1), 1),
                           np.where(tail, vv, 0.0).sum(axis=1) / np.maximum(tail.sum(axis=1), 1))
 
-    best = np.argmax(uni - 0.01 * np.abs(np.asarray(_SHEARS))[:, None], axis=0)  # ties: the least tilt
-    at = np.arange(w)
-    uniform_all, med_all, span_all = uni[best, at], meds[best, at], spans[best, at]
-    core_k = np.argmax(brights, axis=0)
-    core = (brights[core_k, at] >= min_bright) & (spans[core_k, at] >= min_span) & reaches[core_k, at]
-    shear_of = np.where(core, core_k, best)
-    best_dim, by_core = best, (uniform_all, med_all, span_all)
-    if core.any():  # for the extension from a core: uniform apart from unexposed white crossing the line
-        # (a divider's core widening along its length, a shutter band at its end: the strips next to a
-        # wedge-shaped core), on <= half of the line
-        n_dim = n_ok - n_lit
-        uni_dim = uni.copy()
-        uni_dim[:, sel] = np.maximum(uni[:, sel], np.where(
-            n_dim >= 0.5 * n_ok, count_true(near & ~lit, 2) / np.maximum(n_dim, 1), 0.0))
-        best_dim = np.argmax(uni_dim - 0.01 * np.abs(np.asarray(_SHEARS))[:, None], axis=0)
-        by_core = (uni_dim[best_dim, at], meds[best_dim, at], spans[best_dim, at])
-
-    def extend(x: int, step: int, band: np.ndarray, gap: int = 5, lines: tuple | None = None) -> bool:
+    def extend(x: int, step: int, band: np.ndarray, gap: int = 5, by_core: bool = False) -> bool:
         """Mark lines from ``x`` outwards; True when the run ends at background level (when it ends in
         anatomy instead, its trailing non-uniform lines are left out)."""
-        uniform, med, span = lines if lines is not None else (uniform_all, med_all, span_all)
         seen: list[int] = []
-        miss = 0
-        while 0 <= x < w and len(seen) < max_d and med[x] > ceiling and span[x] >= min_span:
-            miss = 0 if uniform[x] >= min_uniform else miss + 1
+        miss, ahead = 0, 1  # lines computed ahead of the walk: most walks stop at once, long ones go far
+        while 0 <= x < w and len(seen) < max_d:
+            if not done[x]:
+                ahead = min(2 * ahead, 16)
+            uniform, med, span, _ = line(x, by_core, ahead * step)
+            if not (med > ceiling and span >= min_span):
+                break
+            miss = 0 if uniform >= min_uniform else miss + 1
             if miss > gap:
                 break
             seen.append(x)
             x += step
-        ended = 0 <= x < w and len(seen) < max_d and miss <= gap and med[x] <= ceiling
+        ended = 0 <= x < w and len(seen) < max_d and miss <= gap and line(x, by_core)[1] <= ceiling
         if not ended and miss:
             seen = seen[: len(seen) - min(miss, len(seen))]
         band[seen] = True
@@ -379,10 +407,11 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
             continue
         part = np.zeros(w, dtype=bool)
         part[idx] = True
-        left = extend(idx[0] - 1, -1, part, lines=by_core)
-        right = extend(idx[-1] + 1, 1, part, lines=by_core)
+        left = extend(idx[0] - 1, -1, part, by_core=True)
+        right = extend(idx[-1] + 1, 1, part, by_core=True)
         if float(ends_level(core_k[idx], idx).min()) <= ceiling:
             continue  # the core comes down to background at an end of the field: a bone, not a divider
+        ensure(idx)
         white = exact_median(meds[core_k[idx], idx]) >= 0.9  # unexposed white, not a cast (~0.8)
         if (left and right or white and (left or right)) and part.sum() - idx.size >= min_strip:
             band_core |= part  # fields on both sides (on one side when white: a limb may touch the other)
@@ -390,8 +419,10 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
         part = np.zeros(w, dtype=bool)
         if extend(start, step, part) and part.sum() >= 2:
             band |= part
+    shear_of = core_k.copy()  # each band line's tilt: its core's, else the one its extension took
+    for x in np.flatnonzero((band | band_core) & ~core):
+        shear_of[x] = line(int(x), by_core=bool(band_core[x]))[3]
     out = np.zeros((h, w), dtype=bool)
-    shear_of = np.where(band_core & ~core, best_dim, shear_of)
     band |= band_core
     for k, shear in enumerate(_SHEARS):
         sel = band & (shear_of == k)
