@@ -68,6 +68,7 @@ from skimage import feature as _skfeature
 from skimage.filters import threshold_yen
 from skimage.transform import hough_line
 
+from preprocessing.kernels import bilinear, nearest_rise
 from preprocessing.morphology import gaussian, label, max_filter, min_filter
 
 __all__ = [
@@ -230,35 +231,6 @@ def canny(image: np.ndarray, sigma: float, low_threshold: float, high_threshold:
 def local_range(g: np.ndarray, size: int = 5) -> np.ndarray:
     """``maximum_filter(g, size) - minimum_filter(g, size)`` (scipy's ``reflect`` mode: the outside ignored)."""
     return max_filter(g, size) - min_filter(g, size)
-
-
-def _bilinear(img: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Bilinear samples of ``img (h, w)`` at ``(y, x)``, edges replicated beyond the image: the values of
-    ``scipy.ndimage.map_coordinates(img, [y, x], order=1, mode="nearest")`` (to float rounding), ~5x
-    faster (four flat gathers instead of a general spline evaluation). Returns ``img``'s dtype.
-
-    The four neighbours are gathered with ``take`` from shifted views of the flat image (no index
-    arithmetic per neighbour) and the weights applied in place: the same float64 products and sums,
-    in the same order, as ``(a (1 - fx) + b fx) (1 - fy) + (c (1 - fx) + d fx) fy``."""
-    h, w = img.shape
-    y = np.clip(y, 0.0, h - 1.0)
-    x = np.clip(x, 0.0, w - 1.0)
-    y0 = np.minimum(y.astype(np.intp), max(h - 2, 0))  # y >= 0: truncation is floor
-    x0 = np.minimum(x.astype(np.intp), max(w - 2, 0))
-    fy, fx = np.subtract(y, y0, out=y), np.subtract(x, x0, out=x)  # fractional parts (y, x are clip's copies)
-    i = y0 * w
-    i += x0
-    flat = img.ravel()
-    dy, dx = (w if h > 1 else 0), (1 if w > 1 else 0)
-    gx = 1.0 - fx
-    top = flat.take(i) * gx  # float32 pixels times float64 weights: float64
-    top += flat[dx:].take(i) * fx
-    bottom = flat[dy:].take(i) * gx
-    bottom += flat[dy + dx:].take(i) * fx
-    top *= 1.0 - fy
-    bottom *= fy
-    top += bottom
-    return top.astype(img.dtype, copy=False)
 
 
 def _window_max(a: np.ndarray, sy: int, sx: int) -> np.ndarray:
@@ -598,18 +570,6 @@ def _last_max(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _nearest_rise(z: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Per profile of ``z (..., K)`` (sampled at ``offsets (K,)``) the sub-pixel offset where it rises through
-    0 (from ``< 0`` to ``>= 0``, linear interpolation), the crossing nearest offset 0; ``inf`` without one.
-    The interpolation runs at the crossings only (1-2 of each profile's K - 1 intervals)."""
-    up = (z[..., :-1] < 0) & (z[..., 1:] >= 0)
-    at = np.nonzero(up)
-    z0, z1 = z[..., :-1][at], z[..., 1:][at]
-    cross = np.full(up.shape, np.inf, dtype=np.result_type(offsets.dtype, z0.dtype, np.float64))
-    cross[at] = offsets[:-1][at[-1]] + (-z0) / (z1 - z0)
-    return np.take_along_axis(cross, np.argmin(np.abs(cross), axis=-1)[..., None], axis=-1)[..., 0]
-
-
 def _edge_positions_batch(prof: np.ndarray, inner: np.ndarray, outer: np.ndarray, sign: np.ndarray,
                           offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sub-pixel step position of each row of ``(L, T, K)`` profiles and its steepest 1-px rise.
@@ -620,7 +580,7 @@ def _edge_positions_batch(prof: np.ndarray, inner: np.ndarray, outer: np.ndarray
     level = 0.5 * (inner + outer)
     z = sign[:, None, None] * (prof - level[:, :, None])
     with np.errstate(invalid="ignore"):
-        pos = _nearest_rise(z, offsets)
+        pos = nearest_rise(z, offsets)
     rise = sign[:, None, None] * np.diff(prof, axis=2)
     step = _last_max(np.where(np.isnan(rise), -np.inf, rise))
     return np.where(np.isfinite(pos), pos, 99.0), step
@@ -759,7 +719,7 @@ class _Detector:
         nrm = np.repeat(normals, counts, axis=0)  # (P, 2): the normal of each point's line
         x = pts[:, 0:1] + self.offsets[None, :] * nrm[:, 0:1]
         y = pts[:, 1:2] + self.offsets[None, :] * nrm[:, 1:2]
-        values = _bilinear(self.g, y.ravel(), x.ravel()).reshape(pts.shape[0], self.offsets.size)
+        values = bilinear(self.g, y.ravel(), x.ravel()).reshape(pts.shape[0], self.offsets.size)
         start = 0
         for (n, c), count, d in zip(lines, counts, dirs, strict=True):
             res = None
@@ -1027,7 +987,7 @@ class _Detector:
             contrast = np.sort(np.where(big, diff, np.inf), axis=1)[rows, np.minimum(n_big // 2, t_max - 1)]
             sign = np.where(contrast > 0, 1.0, -1.0).astype(np.float32)
             z = sign[:, None, None] * (prof - (0.5 * (inner + outer))[:, :, None])
-            pos = _nearest_rise(z, self.offsets)
+            pos = nearest_rise(z, self.offsets)
             good = (sign[:, None] * diff > 0.5 * np.abs(contrast)[:, None]) & (np.abs(pos) <= 2.5)
             n_good = good.sum(axis=1)
             med = np.sort(np.where(good, outer, np.inf), axis=1)[rows, np.minimum(n_good // 2, t_max - 1)]

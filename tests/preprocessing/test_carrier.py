@@ -266,29 +266,6 @@ def test_real_files_crop_keeps_the_body(msk_sample, dicom_sample):
     assert len(found) <= 8, found
 
 
-@pytest.mark.parametrize("shape", [(37, 29), (1, 9), (8, 1)])
-def test_bilinear_sampling_equals_scipy_map_coordinates_with_replicated_edges(shape):
-    """The carrier's profile sampler (flat gathers) gives scipy's order-1 ``mode="nearest"`` values,
-    inside the image, between pixels and beyond every edge (degenerate one-row/one-column images too).
-    Tolerance 1e-6: both interpolate float32 pixels in float64 and round to float32, only the order of
-    the four products may differ (one float32 ulp at values <= 1 is 6e-8)."""
-    import scipy.ndimage as ndi
-
-    from preprocessing.carrier import _bilinear
-
-    rng = np.random.default_rng(3)
-    img = rng.random(shape).astype(np.float32)
-    y = np.concatenate([rng.uniform(-4, shape[0] + 3, 500), np.arange(shape[0], dtype=float), [-0.5, shape[0] - 0.5]])
-    x = np.concatenate([rng.uniform(-4, shape[1] + 3, 500), np.arange(shape[1], dtype=float)[: shape[0]],
-                        np.zeros(max(0, shape[0] - shape[1])), [shape[1] - 0.5, -0.5]])
-    got = _bilinear(img, y, x)
-    assert got.dtype == np.float32
-    np.testing.assert_allclose(got, ndi.map_coordinates(img, [y, x], order=1, mode="nearest"), rtol=0, atol=1e-6)
-    # on the pixel grid the samples are the pixels themselves
-    iy, ix = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    np.testing.assert_array_equal(_bilinear(img, iy.ravel().astype(float), ix.ravel().astype(float)), img.ravel())
-
-
 @pytest.mark.parametrize("block", [2, 3, 4])
 def test_block_reduce_equals_reductions_over_reshaped_axes(block):
     from preprocessing.carrier import block_reduce

@@ -1,0 +1,107 @@
+"""Compiled inner loops of carrier detection and segmentation (numba).
+
+Each kernel computes *the same floating-point operations, in the same order,* as the numpy expression it
+replaces (quoted in its docstring), one element at a time instead of one array operation at a time: no
+reassociation, no fused multiply-add (numba compiles without ``fastmath``), so the results are equal bit
+for bit, which ``tests/preprocessing/test_kernels.py`` checks against those numpy expressions. What they
+save is numpy's per-operation cost on the many small, short-axis arrays of the working copies (a
+profile of 13 samples, a line of 128): measured on the 36 full-resolution FracAtlas JPEGs, see
+``python -m benchmarks preprocess``.
+
+Compiled on first use and cached beside this file (``cache=True``; where that folder is read-only,
+numba's user-wide cache); ``nogil``: a thread running one does not hold up the others.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = ["bilinear", "nearest_rise"]
+
+
+@njit(cache=True, nogil=True)
+def _nearest_rise(z: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    n, k = z.shape
+    for i in range(n):
+        best = np.inf
+        dist = np.inf
+        for j in range(k - 1):
+            z0 = z[i, j]
+            z1 = z[i, j + 1]
+            if z0 < 0 and z1 >= 0:
+                c = offsets[j] + (-z0) / (z1 - z0)
+                a = abs(c)
+                if a < dist:  # strictly nearer: ties keep the first (argmin's choice)
+                    dist = a
+                    best = c
+        out[i] = best
+
+
+def nearest_rise(z: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per profile of ``z (..., K)`` (sampled at ``offsets (K,)``, float64) the sub-pixel offset where it
+    rises through 0 (from ``< 0`` to ``>= 0``, linear interpolation), the crossing nearest offset 0;
+    ``inf`` without one (NaN samples never cross). Float64.
+
+    The numpy expression: ``cross = offsets[:-1] + (-z0) / (z1 - z0)`` at the crossings (``z0, z1``: the
+    samples on either side, in ``z``'s dtype; ``inf`` elsewhere), then the one of least ``abs`` (the
+    first of equals).
+    """
+    z = np.asarray(z)
+    offsets = np.ascontiguousarray(offsets, dtype=np.float64)
+    if z.shape[-1] != offsets.shape[0]:
+        msg = f"nearest_rise: {z.shape[-1]} samples per profile, {offsets.shape[0]} offsets"
+        raise ValueError(msg)
+    flat = np.ascontiguousarray(z.reshape(-1, z.shape[-1]))
+    out = np.empty(flat.shape[0], dtype=np.float64)
+    if flat.size:
+        _nearest_rise(flat, offsets, out)
+    return out.reshape(z.shape[:-1])
+
+
+@njit(cache=True, nogil=True)
+def _bilinear(flat: np.ndarray, h: int, w: int, y: np.ndarray, x: np.ndarray,
+              out: np.ndarray) -> None:  # pragma: no cover - compiled
+    dy = w if h > 1 else 0
+    dx = 1 if w > 1 else 0
+    ymax, xmax = h - 1.0, w - 1.0
+    ylim, xlim = max(h - 2, 0), max(w - 2, 0)
+    for j in range(y.shape[0]):
+        yy = min(max(y[j], 0.0), ymax)  # np.clip
+        xx = min(max(x[j], 0.0), xmax)
+        y0 = min(int(yy), ylim)  # yy >= 0: truncation is floor
+        x0 = min(int(xx), xlim)
+        fy = yy - y0
+        fx = xx - x0
+        i = y0 * w + x0
+        gx = 1.0 - fx
+        top = flat[i] * gx  # the image's dtype times float64 weights: float64
+        top = top + flat[i + dx] * fx
+        bottom = flat[i + dy] * gx
+        bottom = bottom + flat[i + dy + dx] * fx
+        top = top * (1.0 - fy)
+        bottom = bottom * fy
+        out[j] = top + bottom
+
+
+def bilinear(img: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Bilinear samples of ``img (h, w)`` at ``(y, x)`` (1-D, float64), edges replicated beyond the image:
+    the values of ``scipy.ndimage.map_coordinates(img, [y, x], order=1, mode="nearest")`` (to float
+    rounding). Returns ``img``'s dtype.
+
+    The numpy expression: ``y, x`` clipped to the image, ``y0, x0`` their integer parts (at most
+    ``h - 2``, ``w - 2``), ``fy, fx`` the fractions, and ``(a (1 - fx) + b fx) (1 - fy) + (c (1 - fx) + d fx)
+    fy`` in float64 with ``a .. d`` the four neighbours, cast to ``img``'s dtype.
+    """
+    img = np.ascontiguousarray(img)
+    if img.ndim != 2 or img.size == 0:
+        msg = f"bilinear: need a non-empty 2-D image, got shape {img.shape}"
+        raise ValueError(msg)
+    y = np.ascontiguousarray(y, dtype=np.float64).ravel()
+    x = np.ascontiguousarray(x, dtype=np.float64).ravel()
+    if y.shape != x.shape:
+        msg = f"bilinear: {y.size} rows and {x.size} columns to sample"
+        raise ValueError(msg)
+    out = np.empty(y.shape[0], dtype=np.float64)
+    _bilinear(img.ravel(), img.shape[0], img.shape[1], y, x, out)
+    return out.astype(img.dtype, copy=False)

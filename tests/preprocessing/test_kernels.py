@@ -1,0 +1,116 @@
+"""The compiled kernels equal, bit for bit, the numpy expressions they replace (written out here as the
+reference), on float32 and float64 inputs with NaNs, exact zeros, ties and points beyond the image."""
+
+import numpy as np
+import pytest
+
+from preprocessing.kernels import bilinear, nearest_rise
+
+
+def _bilinear_numpy(img, y, x):
+    """Reference: the carrier's former numpy sampler, operation for operation."""
+    h, w = img.shape
+    y = np.clip(y, 0.0, h - 1.0)
+    x = np.clip(x, 0.0, w - 1.0)
+    y0 = np.minimum(y.astype(np.intp), max(h - 2, 0))
+    x0 = np.minimum(x.astype(np.intp), max(w - 2, 0))
+    fy, fx = y - y0, x - x0
+    i = y0 * w + x0
+    flat = img.ravel()
+    dy, dx = (w if h > 1 else 0), (1 if w > 1 else 0)
+    gx = 1.0 - fx
+    top = flat.take(i) * gx
+    top += flat[dx:].take(i) * fx
+    bottom = flat[dy:].take(i) * gx
+    bottom += flat[dy + dx:].take(i) * fx
+    top *= 1.0 - fy
+    bottom *= fy
+    top += bottom
+    return top.astype(img.dtype, copy=False)
+
+
+def _nearest_rise_numpy(z, offsets):
+    """Reference: crossings by ``nonzero``, the nearest to offset 0 by ``argmin``."""
+    up = (z[..., :-1] < 0) & (z[..., 1:] >= 0)
+    at = np.nonzero(up)
+    z0, z1 = z[..., :-1][at], z[..., 1:][at]
+    cross = np.full(up.shape, np.inf, dtype=np.float64)
+    cross[at] = offsets[:-1][at[-1]] + (-z0) / (z1 - z0)
+    return np.take_along_axis(cross, np.argmin(np.abs(cross), axis=-1)[..., None], axis=-1)[..., 0]
+
+
+@pytest.mark.parametrize("shape", [(37, 29), (1, 9), (8, 1)])
+def test_bilinear_sampling_equals_scipy_map_coordinates_with_replicated_edges(shape):
+    """The carrier's profile sampler gives scipy's order-1 ``mode="nearest"`` values, inside the image,
+    between pixels and beyond every edge (degenerate one-row/one-column images too). Tolerance 1e-6: both
+    interpolate float32 pixels in float64 and round to float32, only the order of the four products may
+    differ (one float32 ulp at values <= 1 is 6e-8)."""
+    import scipy.ndimage as ndi
+
+    rng = np.random.default_rng(3)
+    img = rng.random(shape).astype(np.float32)
+    y = np.concatenate([rng.uniform(-4, shape[0] + 3, 500), np.arange(shape[0], dtype=float), [-0.5, shape[0] - 0.5]])
+    x = np.concatenate([rng.uniform(-4, shape[1] + 3, 500), np.arange(shape[1], dtype=float)[: shape[0]],
+                        np.zeros(max(0, shape[0] - shape[1])), [shape[1] - 0.5, -0.5]])
+    got = bilinear(img, y, x)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ndi.map_coordinates(img, [y, x], order=1, mode="nearest"), rtol=0, atol=1e-6)
+    # on the pixel grid the samples are the pixels themselves
+    iy, ix = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    np.testing.assert_array_equal(bilinear(img, iy.ravel().astype(float), ix.ravel().astype(float)), img.ravel())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bilinear_equals_the_numpy_expression_bit_for_bit(dtype):
+    rng = np.random.default_rng(11)
+    for shape in ((240, 190), (3, 2), (1, 5), (6, 1)):
+        img = rng.random(shape).astype(dtype)
+        y = np.concatenate([rng.uniform(-5, shape[0] + 5, 20000), np.arange(shape[0]) + 0.5])
+        x = np.concatenate([rng.uniform(-5, shape[1] + 5, 20000), np.full(shape[0], shape[1] - 1.0)])
+        got = bilinear(img, y, x)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, _bilinear_numpy(img, y, x))
+
+
+def test_bilinear_refuses_bad_input_by_name():
+    with pytest.raises(ValueError, match="bilinear: need a non-empty 2-D image"):
+        bilinear(np.zeros((0, 4), np.float32), np.zeros(1), np.zeros(1))
+    with pytest.raises(ValueError, match="bilinear: 3 rows and 2 columns"):
+        bilinear(np.zeros((4, 4), np.float32), np.zeros(3), np.zeros(2))
+
+
+def test_nearest_rise_by_hand():
+    """Offsets -2..2: a rise from -1 to 1 between offsets -1 and 0 crosses at -0.5; a second rise at +1.25
+    is farther; a profile that only falls has none (inf); a rise to exactly 0 crosses there; two
+    crossings equally near (-1.5 and +1.5) keep the first."""
+    off = np.arange(-2.0, 3.0)
+    z = np.array([[-2.0, -1.0, 1.0, -1.0, 3.0],     # -1 + 1/2 = -0.5; 1 + 1/4 = 1.25
+                  [3.0, 2.0, 1.0, 0.5, -1.0],       # falls only
+                  [-3.0, -2.0, -0.5, 0.0, 1.0],     # 0 + 0.5 / 0.5 = 1.0: z reaches 0 at offset +1
+                  [-1.0, -1.0, 1.0, -1.0, 1.0]])    # -0.5 and 1.5: -0.5
+    np.testing.assert_array_equal(nearest_rise(z, off), [-0.5, np.inf, 1.0, -0.5])
+    tie = np.array([[-1.0, 1.0, 0.5, -1.0, 1.0]])  # -2 + 1/2 = -1.5 and 1 + 1/2 = 1.5
+    np.testing.assert_array_equal(nearest_rise(tie, off), [-1.5])
+    near_right = np.array([[-1.0, 1.0, -3.0, 1.0, 2.0]])  # -1.5 and 0 + 3/4 = 0.75
+    np.testing.assert_array_equal(nearest_rise(near_right, off), [0.75])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nearest_rise_equals_the_numpy_expression_bit_for_bit(dtype):
+    rng = np.random.default_rng(5)
+    off = np.arange(13, dtype=np.float64) - 6
+    for shape in ((48, 252, 13), (70, 13)):
+        z = rng.standard_normal(shape).cumsum(-1).astype(dtype)
+        flat = z.reshape(-1, 13)
+        flat[:3] = np.nan  # padding rows
+        flat[3:40, 5] = 0.0  # exact zeros: a rise "to >= 0"
+        flat[40:60] = np.tile(np.array([-1, 1] * 6 + [-1], dtype=dtype), (20, 1))  # many equal crossings
+        with np.errstate(invalid="ignore", divide="ignore"):
+            want = _nearest_rise_numpy(z, off)
+        got = nearest_rise(z, off)
+        assert got.shape == shape[:-1] and got.dtype == np.float64
+        np.testing.assert_array_equal(got, want)
+    one = z.reshape(-1, 13)[65]  # a single profile: a 0-d result
+    assert nearest_rise(one, off).shape == () and nearest_rise(one, off) == _nearest_rise_numpy(one[None], off)[0]
+    with pytest.raises(ValueError, match="nearest_rise: 5 samples per profile, 13 offsets"):
+        nearest_rise(np.zeros((2, 5)), off)
