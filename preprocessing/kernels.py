@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["bilinear", "nearest_rise"]
+__all__ = ["bilinear", "edge_flags", "nearest_rise"]
 
 
 @njit(cache=True, nogil=True)
@@ -105,3 +105,79 @@ def bilinear(img: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     out = np.empty(y.shape[0], dtype=np.float64)
     _bilinear(img.ravel(), img.shape[0], img.shape[1], y, x, out)
     return out.astype(img.dtype, copy=False)
+
+
+@njit(cache=True, nogil=True)
+def _edge_flags(sheared: np.ndarray, ok: np.ndarray, m: int, d: int, flank: int, min_step: float, flat_tol: float,
+                ceiling: float, need: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    # (every offset is a slice of the row, indexed from 0: numba then needs no negative-index check per
+    # access and the loops vectorise)
+    n_s, n_r, w = ok.shape
+    span = flank - d  # offsets d + 1 .. flank on either side
+    count = np.zeros((n_s, w), dtype=np.int64)
+    least = np.empty(sheared.shape[2] - span + 1)
+    for s in range(n_s):
+        cnt = count[s]
+        for r in range(n_r):
+            row, okr, rising, falling, ridge = sheared[s, r], ok[s, r], out[0, s, r], out[1, s, r], out[2, s, r]
+            centre, ad, bd = row[m: m + w], row[m + d: m + d + w], row[m - d: m - d + w]
+            a1, a3 = row[m + d + 1: m + d + 1 + w], row[m + d + 3: m + d + 3 + w]
+            b1, b3 = row[m - d - 1: m - d - 1 + w], row[m - d - 3: m - d - 3 + w]
+            for x in range(w):
+                diff = ad[x] - bd[x]
+                t = 0.2 * abs(diff)
+                tol = flat_tol if flat_tol > t else t  # np.maximum
+                flat = okr[x] & (abs(a1[x] - a3[x]) <= tol) & (abs(b1[x] - b3[x]) <= tol)
+                rising[x] = flat & (diff >= min_step)
+                falling[x] = flat & (diff <= -min_step)
+                near = a1[x] if a1[x] > b1[x] else b1[x]
+                far = a3[x] if a3[x] > b3[x] else b3[x]
+                ridge[x] = okr[x] & (centre[x] - (near if near < far else far) >= min_step)
+                cnt[x] += ridge[x]
+    if not ceiling == ceiling:  # NaN ceiling: no ridges
+        out[2] = False
+        return
+    for s in range(n_s):
+        cnt = count[s]
+        for r in range(n_r):
+            ridge = out[2, s, r]
+            keep = False
+            for x in range(w):
+                ridge[x] = ridge[x] & (cnt[x] >= need)
+                keep |= ridge[x]
+            if not keep:
+                continue
+            row = sheared[s, r]
+            for i in range(least.shape[0]):  # least[i]: the least of row[i : i + span]
+                seg = row[i: i + span]
+                v = seg[0]
+                for j in range(1, span):
+                    v = seg[j] if seg[j] < v else v
+                least[i] = v
+            right, left = least[m + d + 1: m + d + 1 + w], least[m - flank: m - flank + w]
+            for x in range(w):
+                ridge[x] = ridge[x] & (right[x] <= ceiling) & (left[x] <= ceiling)
+
+
+def edge_flags(sheared: np.ndarray, ok: np.ndarray, m: int, d: int, flank: int, min_step: float, flat_tol: float,
+               ceiling: float | None, need: int) -> np.ndarray:
+    """The edge samples of :func:`~preprocessing.segmentation._edge_runs`: ``(3, S, R, W)`` bool (rising step,
+    falling step, ridge) of the sheared lines ``sheared (S, R, W + 2 m)`` (float64) at the samples ``ok``.
+
+    With ``at(o) = sheared[:, :, m + o : m + o + W]``, the numpy expressions: ``diff = at(d) - at(-d)``,
+    ``tol = np.maximum(flat_tol, 0.2 * abs(diff))``, flat where ``|at(d + 1) - at(d + 3)| <= tol`` and
+    ``|at(-d - 1) - at(-d - 3)| <= tol``; a rising (falling) step: flat and ``diff >= min_step``
+    (``<= -min_step``); a ridge: ``at(0) - min(max(at(d + 1), at(-d - 1)), max(at(d + 3), at(-d - 3))) >=
+    min_step`` on a line with ``>= need`` ridge samples, whose least sample at offsets ``d + 1 .. flank``
+    on either side is ``<= ceiling`` (no ridges when ``ceiling`` is None). ``m >= flank >= d + 3``.
+    """
+    sheared = np.ascontiguousarray(sheared, dtype=np.float64)
+    ok = np.ascontiguousarray(ok, dtype=np.bool_)
+    n_s, n_r, w = ok.shape
+    if sheared.shape != (n_s, n_r, w + 2 * m) or not m >= flank >= d + 3:
+        msg = f"edge_flags: lines {sheared.shape} for samples {ok.shape} with m={m}, flank={flank}, d={d}"
+        raise ValueError(msg)
+    out = np.zeros((3, n_s, n_r, w), dtype=np.bool_)
+    _edge_flags(sheared, ok, int(m), int(d), int(flank), float(min_step), float(flat_tol),
+                np.nan if ceiling is None else float(ceiling), int(need), out)
+    return out

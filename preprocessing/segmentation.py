@@ -88,6 +88,7 @@ from preprocessing.carrier import (
     single_channel,
     work_copy,
 )
+from preprocessing.kernels import edge_flags
 from preprocessing.morphology import gaussian, label, max_filter, min_filter
 
 __all__ = [
@@ -616,31 +617,11 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     if not valid.all():  # ... and in the valid region
         vs = np.take(np.pad(valid, ((0, 0), (pad, pad))).ravel(), index)
         ok = ok & vs[:, :, m - d: m - d + w] & vs[:, :, m + d: m + d + w]
-    a1, a3, b1, b3 = at(d + 1), at(d + 3), at(-d - 1), at(-d - 3)
-    diff = at(d) - at(-d)
-    tol = np.maximum(flat_tol, 0.2 * np.abs(diff))
-    flat = ok & (np.abs(a1 - a3) <= tol) & (np.abs(b1 - b3) <= tol)
-    kinds = [flat & (diff >= min_step), flat & (diff <= -min_step)]
-    # a divider's core, 1 to 8 px wide (a wedge) and flanked by grey penumbra strips: above both sides
-    centre = at(0)
-    # (centre - min(..) is exactly the larger of the two differences: rounded subtraction is monotone)
-    ridge = ok & (centre - np.minimum(np.maximum(a1, b1), np.maximum(a3, b3)) >= min_step)
     need = int(_MIN_RUN * min_cover * n_rows)  # the shortest run kept shows the edge on this many samples
-    can_run = count_true(ridge, 1) >= need  # (S, W) lines that can hold a ridge run
-    if ceiling is None or not can_run.any():
-        ridge[:] = False
-    else:  # down to the background within offsets d + 1 .. flank on either side: the least of those samples,
-        # at the ridge samples of lines that can hold a run only (the others' never count)
-        ridge &= can_run[:, None, :]
-        at_ridge = np.flatnonzero(ridge)
-        si_ri, xi = np.divmod(at_ridge, w)
-        base = si_ri * sheared.shape[2] + m + xi  # the sample's own place in sheared.ravel()
-        span = np.arange(d + 1, flank + 1)
-        flat_sh = sheared.ravel()
-        right = np.take(flat_sh, base[:, None] + span[None, :]).min(axis=1)
-        left = np.take(flat_sh, base[:, None] - span[None, :]).min(axis=1)
-        ridge.ravel()[at_ridge] = (right <= ceiling) & (left <= ceiling)
-    kinds.append(ridge)
+    # rising steps, falling steps, and ridges: a divider's core, 1 to 8 px wide (a wedge) and flanked by
+    # grey penumbra strips, above both sides, that comes down to the background on both sides
+    kinds = edge_flags(sheared, ok, m, d, flank, min_step, flat_tol, ceiling, need)
+    centre = at(0)
     out: dict[str, Any] = {"step": step, "cc": cc, "flat": flat_index, "inside": inside, "reach": reach}
     res = {k: [] for k in ("first", "last", "length", "head", "tail")}
     for kind, b in enumerate(kinds):

@@ -114,3 +114,57 @@ def test_nearest_rise_equals_the_numpy_expression_bit_for_bit(dtype):
     assert nearest_rise(one, off).shape == () and nearest_rise(one, off) == _nearest_rise_numpy(one[None], off)[0]
     with pytest.raises(ValueError, match="nearest_rise: 5 samples per profile, 13 offsets"):
         nearest_rise(np.zeros((2, 5)), off)
+
+
+def _edge_flags_numpy(sheared, ok, m, d, flank, min_step, flat_tol, ceiling, need):
+    """Reference: segmentation's former numpy expressions for the edge samples of ``_edge_runs``."""
+    w = ok.shape[2]
+
+    def at(o):
+        return sheared[:, :, m + o: m + o + w]
+
+    a1, a3, b1, b3 = at(d + 1), at(d + 3), at(-d - 1), at(-d - 3)
+    diff = at(d) - at(-d)
+    tol = np.maximum(flat_tol, 0.2 * np.abs(diff))
+    flat = ok & (np.abs(a1 - a3) <= tol) & (np.abs(b1 - b3) <= tol)
+    kinds = [flat & (diff >= min_step), flat & (diff <= -min_step)]
+    ridge = ok & (at(0) - np.minimum(np.maximum(a1, b1), np.maximum(a3, b3)) >= min_step)
+    can_run = ridge.sum(axis=1) >= need
+    if ceiling is None or not can_run.any():
+        ridge[:] = False
+    else:
+        ridge &= can_run[:, None, :]
+        at_ridge = np.flatnonzero(ridge)
+        si_ri, xi = np.divmod(at_ridge, w)
+        base = si_ri * sheared.shape[2] + m + xi
+        span = np.arange(d + 1, flank + 1)
+        flat_sh = sheared.ravel()
+        right = np.take(flat_sh, base[:, None] + span[None, :]).min(axis=1)
+        left = np.take(flat_sh, base[:, None] - span[None, :]).min(axis=1)
+        ridge.ravel()[at_ridge] = (right <= ceiling) & (left <= ceiling)
+    return np.stack(kinds + [ridge])
+
+
+def test_edge_flags_equal_the_numpy_expressions_bit_for_bit():
+    """Sheared lines of a smooth image with steps, thin bright ridges and noise: rising and falling steps
+    and ridges (with and without a background ceiling, and with a ridge-run length no line reaches)
+    equal the numpy expressions; a ridge is dropped when its flank never comes down to the ceiling."""
+    from preprocessing.kernels import edge_flags
+
+    rng = np.random.default_rng(7)
+    n_s, n_r, w, m, d = 9, 60, 90, 8, 2
+    cols = np.arange(w + 2 * m)
+    base = 0.2 + 0.3 * (cols >= 40) - 0.25 * (cols >= 70) + 0.5 * np.isin(cols, (20, 21, 55))
+    sheared = base[None, None, :] + 0.015 * rng.standard_normal((n_s, n_r, w + 2 * m))
+    sheared[3] += 0.3  # one tilt: the ridge's flanks stay above a ceiling of 0.3
+    ok = rng.random((n_s, n_r, w)) < 0.9
+    flags = None
+    for ceiling, need in ((0.3, 20), (None, 20), (0.3, n_r + 1), (0.6, 5)):
+        got = edge_flags(sheared, ok, m, d, 8, 0.06, 0.02, ceiling, need)
+        np.testing.assert_array_equal(got, _edge_flags_numpy(sheared, ok, m, d, 8, 0.06, 0.02, ceiling, need))
+        if (ceiling, need) == (0.3, 20):
+            flags = got
+    assert flags[0].any() and flags[1].any() and flags[2].any()  # every kind occurs
+    assert not flags[2, 3].any()  # the tilt whose flanks stay above the ceiling holds no ridge
+    with pytest.raises(ValueError, match="edge_flags: lines"):
+        edge_flags(sheared[:, :, :-1], ok, m, d, 8, 0.06, 0.02, 0.3, 20)
