@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["bilinear", "edge_flags", "nearest_rise"]
+__all__ = ["bilinear", "edge_flags", "edge_runs", "nearest_rise"]
 
 
 @njit(cache=True, nogil=True)
@@ -181,3 +181,77 @@ def edge_flags(sheared: np.ndarray, ok: np.ndarray, m: int, d: int, flank: int, 
     _edge_flags(sheared, ok, int(m), int(d), int(flank), float(min_step), float(flat_tol),
                 np.nan if ceiling is None else float(ceiling), int(need), out)
     return out
+
+
+@njit(cache=True, nogil=True)
+def _edge_runs(kinds: np.ndarray, ok: np.ndarray, inside: np.ndarray, sheared: np.ndarray, m: int, need: int,
+               gap: int, reach: int, min_cover: float, ceiling: float, first: np.ndarray, last: np.ndarray,
+               length: np.ndarray, head: np.ndarray, tail: np.ndarray) -> None:  # pragma: no cover - compiled
+    n_k, n_s, n_r, w = kinds.shape
+    c = np.zeros(n_r + 1, dtype=np.int64)  # c[i]: edge samples before i (cumulative, leading 0)
+    okc = np.zeros(n_r + 1, dtype=np.int64)
+    dark = np.zeros(n_r + 1, dtype=np.int64)
+    for k in range(n_k):
+        for x in range(w):
+            can = False  # a line is looked at when one of its tilts holds >= need edge samples
+            for s in range(n_s):
+                cnt = 0
+                for r in range(n_r):
+                    cnt += kinds[k, s, r, x]
+                can |= cnt >= need
+            if not can:
+                continue
+            for s in range(n_s):
+                for r in range(n_r):
+                    c[r + 1] = c[r] + kinds[k, s, r, x]
+                    okc[r + 1] = okc[r] + ok[s, r, x]
+                # the longest run of edge samples, gaps of <= gap bridged where the edge lies within gap + 1
+                # samples on both sides; the first of the longest
+                run, best, e = 0, 0, 0
+                for r in range(n_r):
+                    on = kinds[k, s, r, x]
+                    if not on:
+                        ahead = c[min(r + gap + 1, n_r - 1) + 1] - c[r + 1]  # edge samples in (r, r + gap + 1]
+                        behind = c[r] - c[max(r - gap, 0)]  # in [r - gap, r - 1]
+                        on = ahead > 0 and behind > 0
+                    run = run + 1 if on else 0
+                    if run > best:
+                        best, e = run, r
+                f = e - best + 1
+                first[k, s, x], last[k, s, x] = f, e
+                length[k, s, x] = best if c[e + 1] - c[f] >= min_cover * best else 0
+                # the frame or the valid region's border within reach beyond the run's ends
+                head[k, s, x] = f < reach or okc[f] - okc[max(f - reach, 0)] < reach
+                tail[k, s, x] = e >= n_r - reach or okc[min(e + 1 + reach, n_r)] - okc[e + 1] < reach
+                if k == 2 and ceiling == ceiling:  # a ridge: also no background from its ends to the frame
+                    for r in range(n_r):
+                        dark[r + 1] = dark[r] + (inside[s, r, x] and sheared[s, r, m + x] <= ceiling)
+                    head[k, s, x] |= dark[f] == 0
+                    tail[k, s, x] |= dark[n_r] - dark[e + 1] == 0
+
+
+def edge_runs(kinds: np.ndarray, ok: np.ndarray, inside: np.ndarray, sheared: np.ndarray, m: int, need: int,
+              gap: int, reach: int, min_cover: float, ceiling: float | None) -> tuple[np.ndarray, ...]:
+    """The runs of :func:`~preprocessing.segmentation._edge_runs`: per kind, tilt and line of ``kinds (K, S, R,
+    W)`` (:func:`edge_flags`) ``(first, last, length, head, tail)``, ``(K, S, W)`` each (intp, intp, intp,
+    bool, bool), all 0 / False on a line none of whose tilts holds ``>= need`` edge samples.
+
+    Per tilted line: the longest run (the first of equals) of samples showing the edge, a sample without
+    it counting when the edge shows within ``gap + 1`` samples both before and after it; ``length`` is the
+    run's length when ``>= min_cover`` of it shows the edge, else 0; ``head`` (``tail``): fewer than ``reach``
+    of the ``reach`` samples before ``first`` (after ``last``) are ``ok``, or the run ends within ``reach`` of
+    the line's end; for kind 2 (ridges) with a ``ceiling`` also: no ``inside`` sample of ``centre = sheared[...,
+    m : m + W]`` at or below it before ``first`` (after ``last``). Counting only: integers, exact.
+    """
+    kinds = np.ascontiguousarray(kinds, dtype=np.bool_)
+    n_k, n_s, n_r, w = kinds.shape
+    if ok.shape != (n_s, n_r, w) or inside.shape != (n_s, n_r, w) or sheared.shape[:2] != (n_s, n_r) \
+            or sheared.shape[2] < m + w:
+        msg = f"edge_runs: edges {kinds.shape}, samples {ok.shape} / {inside.shape}, lines {sheared.shape}"
+        raise ValueError(msg)
+    first, last, length = (np.zeros((n_k, n_s, w), dtype=np.intp) for _ in range(3))
+    head, tail = np.zeros((n_k, n_s, w), dtype=np.bool_), np.zeros((n_k, n_s, w), dtype=np.bool_)
+    _edge_runs(kinds, np.ascontiguousarray(ok, dtype=np.bool_), np.ascontiguousarray(inside, dtype=np.bool_),
+               np.ascontiguousarray(sheared, dtype=np.float64), int(m), int(need), int(gap), int(reach),
+               float(min_cover), np.nan if ceiling is None else float(ceiling), first, last, length, head, tail)
+    return first, last, length, head, tail

@@ -88,7 +88,7 @@ from preprocessing.carrier import (
     single_channel,
     work_copy,
 )
-from preprocessing.kernels import edge_flags
+from preprocessing.kernels import edge_flags, edge_runs
 from preprocessing.morphology import gaussian, label, max_filter, min_filter
 
 __all__ = [
@@ -621,40 +621,9 @@ def _edge_runs(g: np.ndarray, valid: np.ndarray, ceiling: float | None = None, m
     # rising steps, falling steps, and ridges: a divider's core, 1 to 8 px wide (a wedge) and flanked by
     # grey penumbra strips, above both sides, that comes down to the background on both sides
     kinds = edge_flags(sheared, ok, m, d, flank, min_step, flat_tol, ceiling, need)
-    centre = at(0)
-    out: dict[str, Any] = {"step": step, "cc": cc, "flat": flat_index, "inside": inside, "reach": reach}
-    res = {k: [] for k in ("first", "last", "length", "head", "tail")}
-    for kind, b in enumerate(kinds):
-        first, last, length = (np.zeros((cc.shape[0], w), dtype=np.intp) for _ in range(3))
-        head, tail = np.zeros((cc.shape[0], w), dtype=bool), np.zeros((cc.shape[0], w), dtype=bool)
-        cols = np.flatnonzero((count_true(b, 1) >= need).any(axis=0))  # only lines that can hold a run
-        if cols.size:
-            b = b[:, :, cols]
-            cb = _cumsum0(b)
-            if gap > 0:  # bridge gaps of <= gap samples: the edge within reach on both sides (a limb crossing)
-                c = cb[:, 1:]
-                zero = np.zeros((c.shape[0], gap + 1, c.shape[2]), dtype=np.int32)
-                padded = np.concatenate([zero, c, np.repeat(c[:, -1:], gap + 1, axis=1)], axis=1)
-                b = b | ((padded[:, 2 * gap + 2:, :] - c > 0) & (c - padded[:, :n_rows, :] - b > 0))
-            c = np.cumsum(b, axis=1, dtype=np.int32)
-            run = c - np.maximum.accumulate(np.where(b, 0, c), axis=1)
-            e = np.argmax(run, axis=1)  # (S, lines) the run's last sample
-            n = np.take_along_axis(run, e[:, None, :], axis=1)[:, 0, :]
-            f = e - n + 1
-            last[:, cols], first[:, cols] = e, f
-            length[:, cols] = np.where(_window_count(cb, f, e + 1) >= min_cover * n, n, 0)
-            # the frame or the valid region's border within reach beyond the run's end
-            okc_c = _cumsum0(ok[:, :, cols])  # (valid samples, on these lines only)
-            head[:, cols] = (f < reach) | (_window_count(okc_c, f - reach, f) < reach)
-            tail[:, cols] = (e >= n_rows - reach) | (_window_count(okc_c, e + 1, e + 1 + reach) < reach)
-            if kind == 2 and ceiling is not None:  # a divider may run into a bright band along the frame:
-                dark_c = _cumsum0(inside[:, :, cols] & (centre[:, :, cols] <= ceiling))  # above background
-                head[:, cols] |= _window_count(dark_c, np.zeros_like(f), f) == 0  # from its end to the frame
-                tail[:, cols] |= _window_count(dark_c, e + 1, np.full_like(e, n_rows)) == 0
-        for key, value in zip(res, (first, last, length, head, tail), strict=True):
-            res[key].append(value)
-    out.update({k: np.stack(v) for k, v in res.items()})
-    return out
+    first, last, length, head, tail = edge_runs(kinds, ok, inside, sheared, m, need, gap, reach, min_cover, ceiling)
+    return {"step": step, "cc": cc, "flat": flat_index, "inside": inside, "reach": reach,
+            "first": first, "last": last, "length": length, "head": head, "tail": tail}
 
 
 def _closed_lines(runs: dict[str, Any], shape: tuple[int, int], kinds: Sequence[int], min_run: float,

@@ -154,7 +154,9 @@ def test_edge_flags_equal_the_numpy_expressions_bit_for_bit():
     rng = np.random.default_rng(7)
     n_s, n_r, w, m, d = 9, 60, 90, 8, 2
     cols = np.arange(w + 2 * m)
-    base = 0.2 + 0.3 * (cols >= 40) - 0.25 * (cols >= 70) + 0.5 * np.isin(cols, (20, 21, 55))
+    # ridges on background (20, 21: kept), on a bright field (55), beside a step up (37: its right flank
+    # stays bright) and before a step down (66: its left flank stays bright)
+    base = 0.2 + 0.3 * (cols >= 40) - 0.25 * (cols >= 70) + 0.5 * np.isin(cols, (20, 21, 37, 55, 66))
     sheared = base[None, None, :] + 0.015 * rng.standard_normal((n_s, n_r, w + 2 * m))
     sheared[3] += 0.3  # one tilt: the ridge's flanks stay above a ceiling of 0.3
     ok = rng.random((n_s, n_r, w)) < 0.9
@@ -166,5 +168,82 @@ def test_edge_flags_equal_the_numpy_expressions_bit_for_bit():
             flags = got
     assert flags[0].any() and flags[1].any() and flags[2].any()  # every kind occurs
     assert not flags[2, 3].any()  # the tilt whose flanks stay above the ceiling holds no ridge
+    ridge_cols = set(np.flatnonzero(flags[2].any(axis=(0, 1))) + m)
+    assert {20, 21} <= ridge_cols and not {37, 55, 66} & ridge_cols
     with pytest.raises(ValueError, match="edge_flags: lines"):
         edge_flags(sheared[:, :, :-1], ok, m, d, 8, 0.06, 0.02, 0.3, 20)
+
+
+def _edge_runs_numpy(kinds, ok, inside, centre, need, gap, reach, min_cover, ceiling):
+    """Reference: segmentation's former numpy run extraction of ``_edge_runs``."""
+    n_s, n_rows, w = ok.shape
+
+    def cumsum0(b):
+        c = np.zeros((b.shape[0], b.shape[1] + 1, b.shape[2]), dtype=np.int32)
+        np.cumsum(b, axis=1, dtype=np.int32, out=c[:, 1:])
+        return c
+
+    def window(c, lo, hi):
+        n = c.shape[1] - 1
+        lo, hi = np.clip(lo, 0, n), np.clip(hi, 0, n)
+        return (np.take_along_axis(c, hi[:, None, :], 1) - np.take_along_axis(c, lo[:, None, :], 1))[:, 0, :]
+
+    res = {k: [] for k in ("first", "last", "length", "head", "tail")}
+    for kind, b in enumerate(kinds):
+        first, last, length = (np.zeros((n_s, w), dtype=np.intp) for _ in range(3))
+        head, tail = np.zeros((n_s, w), dtype=bool), np.zeros((n_s, w), dtype=bool)
+        cols = np.flatnonzero((b.sum(axis=1) >= need).any(axis=0))
+        if cols.size:
+            b = b[:, :, cols]
+            cb = cumsum0(b)
+            c = cb[:, 1:]
+            zero = np.zeros((c.shape[0], gap + 1, c.shape[2]), dtype=np.int32)
+            padded = np.concatenate([zero, c, np.repeat(c[:, -1:], gap + 1, axis=1)], axis=1)
+            b = b | ((padded[:, 2 * gap + 2:, :] - c > 0) & (c - padded[:, :n_rows, :] - b > 0))
+            c = np.cumsum(b, axis=1, dtype=np.int32)
+            run = c - np.maximum.accumulate(np.where(b, 0, c), axis=1)
+            e = np.argmax(run, axis=1)
+            n = np.take_along_axis(run, e[:, None, :], axis=1)[:, 0, :]
+            f = e - n + 1
+            last[:, cols], first[:, cols] = e, f
+            length[:, cols] = np.where(window(cb, f, e + 1) >= min_cover * n, n, 0)
+            okc = cumsum0(ok[:, :, cols])
+            head[:, cols] = (f < reach) | (window(okc, f - reach, f) < reach)
+            tail[:, cols] = (e >= n_rows - reach) | (window(okc, e + 1, e + 1 + reach) < reach)
+            if kind == 2 and ceiling is not None:
+                dark = cumsum0(inside[:, :, cols] & (centre[:, :, cols] <= ceiling))
+                head[:, cols] |= window(dark, np.zeros_like(f), f) == 0
+                tail[:, cols] |= window(dark, e + 1, np.full_like(e, n_rows)) == 0
+        for key, value in zip(res, (first, last, length, head, tail), strict=True):
+            res[key].append(value)
+    return tuple(np.stack(res[k]) for k in ("first", "last", "length", "head", "tail"))
+
+
+def test_edge_runs_equal_the_numpy_run_extraction():
+    """Random edge samples of three kinds (dense lines with gaps, sparse lines, empty ones), the samples'
+    validity and a ridge ceiling: first, last, length, head and tail equal the numpy extraction (counting
+    only: exact) with and without the ceiling, and a bridged gap makes one run of two pieces."""
+    from preprocessing.kernels import edge_runs
+
+    rng = np.random.default_rng(9)
+    n_s, n_r, w, m = 5, 80, 40, 6
+    dense = rng.random((3, n_s, 1, w)) < 0.5  # lines whose edge shows on most samples
+    kinds = (rng.random((3, n_s, n_r, w)) < np.where(dense, 0.85, 0.1)) & (rng.random((3, 1, n_r, w)) < 0.97)
+    kinds[:, :, 30:33, :5] = False  # gaps a limb leaves
+    ok = rng.random((n_s, n_r, w)) < 0.9
+    inside = rng.random((n_s, n_r, w)) < 0.95
+    sheared = rng.random((n_s, n_r, w + 2 * m))
+    centre = sheared[:, :, m: m + w]
+    for ceiling in (0.2, None):
+        got = edge_runs(kinds, ok, inside, sheared, m, 16, 5, 4, 0.7, ceiling)
+        want = _edge_runs_numpy(kinds, ok, inside, centre, 16, 5, 4, 0.7, ceiling)
+        for g, e in zip(got, want, strict=True):
+            assert g.dtype == e.dtype
+            np.testing.assert_array_equal(g, e)
+    line = np.zeros((1, 1, 40, 1), dtype=bool)
+    line[0, 0, 5:15] = line[0, 0, 18:30] = True  # 10 + a gap of 3 + 12 samples
+    first, last, length, _, _ = edge_runs(np.repeat(line, 3, 0), np.ones((1, 40, 1), bool), np.ones((1, 40, 1), bool),
+                                         np.zeros((1, 40, 1 + 2 * m)), m, 8, 5, 2, 0.7, None)
+    assert (int(first[0, 0, 0]), int(last[0, 0, 0]), int(length[0, 0, 0])) == (5, 29, 25)
+    with pytest.raises(ValueError, match="edge_runs: edges"):
+        edge_runs(kinds, ok[:, :-1], inside, sheared, m, 16, 5, 4, 0.7, None)
