@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["bilinear", "edge_flags", "edge_runs", "nearest_rise"]
+__all__ = ["bilinear", "edge_flags", "edge_runs", "line_counts", "line_medians", "nearest_rise"]
 
 
 @njit(cache=True, nogil=True)
@@ -255,3 +255,79 @@ def edge_runs(kinds: np.ndarray, ok: np.ndarray, inside: np.ndarray, sheared: np
                np.ascontiguousarray(sheared, dtype=np.float64), int(m), int(need), int(gap), int(reach),
                float(min_cover), np.nan if ceiling is None else float(ceiling), first, last, length, head, tail)
     return first, last, length, head, tail
+
+
+@njit(cache=True, nogil=True)
+def _line_counts(code: np.ndarray, flat: np.ndarray, inside: np.ndarray, cols: np.ndarray, n_valid: np.ndarray,
+                 n_lit: np.ndarray) -> None:  # pragma: no cover - compiled
+    n_s, n_r = flat.shape[0], flat.shape[2]
+    for s in range(n_s):
+        for j in range(cols.shape[0]):
+            f, ins = flat[s, cols[j]], inside[s, cols[j]]
+            a = 0
+            b = 0
+            for r in range(n_r):  # (branch-free: bit 0 of code valid, bit 1 valid and bright; ins 0 or 1)
+                c = code[f[r]]
+                a += c & ins[r]
+                b += (c >> 1) & ins[r]
+            n_valid[s, j] = a
+            n_lit[s, j] = b
+
+
+def line_counts(valid: np.ndarray, bright: np.ndarray, flat: np.ndarray, inside: np.ndarray,
+                cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per tilted line ``flat[s, c]`` (flat indices into an image, ``(S, W, R)``; ``inside``: its samples in
+    the frame) of the columns ``cols``: the valid samples (``inside`` and ``valid``) and of those the
+    ``bright`` ones, ``(S, len(cols))`` intp each (``valid``, ``bright``: bool masks of the image)."""
+    cols = np.ascontiguousarray(cols, dtype=np.intp)
+    valid = np.asarray(valid, dtype=np.bool_)
+    code = (valid.view(np.uint8) | ((valid & bright).view(np.uint8) << 1)).ravel()
+    n_valid = np.zeros((flat.shape[0], cols.size), dtype=np.intp)
+    n_lit = np.zeros((flat.shape[0], cols.size), dtype=np.intp)
+    _line_counts(code, flat, np.ascontiguousarray(inside, dtype=np.bool_).view(np.uint8), cols, n_valid, n_lit)
+    return n_valid, n_lit
+
+
+@njit(cache=True, nogil=True)
+def _line_medians(g: np.ndarray, valid: np.ndarray, bright: np.ndarray, flat: np.ndarray, inside: np.ndarray,
+                  cols: np.ndarray, k: int, tol: float, med: np.ndarray, near: np.ndarray,
+                  near_dim: np.ndarray) -> None:  # pragma: no cover - compiled
+    n_s, n_r = flat.shape[0], flat.shape[2]
+    buf = np.empty(n_r, dtype=g.dtype)
+    for s in range(n_s):
+        for j in range(cols.shape[0]):
+            f, ins = flat[s, cols[j]], inside[s, cols[j]]
+            for r in range(n_r):
+                buf[r] = g[f[r]] if ins[r] and valid[f[r]] else -1.0
+            m = np.partition(buf, k)[k]
+            a = 0
+            b = 0
+            for r in range(n_r):
+                i = f[r]
+                if ins[r] and valid[i] and abs(g[i] - m) <= tol:
+                    a += 1
+                    b += not bright[i]
+            med[s, j] = m
+            near[s, j] = a
+            near_dim[s, j] = b
+
+
+def line_medians(g: np.ndarray, valid: np.ndarray, bright: np.ndarray, flat: np.ndarray, inside: np.ndarray,
+                 cols: np.ndarray, k: int, tol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per tilted line of :func:`line_counts`: the ``k``-th smallest sample (invalid samples counted as
+    -1: they sort first), in ``g``'s dtype, and the valid samples within ``tol`` of it (``tol`` in ``g``'s
+    dtype, as numpy compares an array with a Python float), all of them and those not ``bright``,
+    ``(S, len(cols))`` each. The numpy expression: ``np.partition(np.where(ok, v, -1.0), k, axis=-1)[..., k]``
+    and ``count(ok & (abs(v - med) <= tol))``."""
+    g = np.ascontiguousarray(g)
+    cols = np.ascontiguousarray(cols, dtype=np.intp)
+    shape = (flat.shape[0], cols.size)
+    med = np.zeros(shape, dtype=g.dtype)
+    near, near_dim = np.zeros(shape, dtype=np.intp), np.zeros(shape, dtype=np.intp)
+    if not 0 <= k < flat.shape[2]:
+        msg = f"line_medians: k={k} outside the {flat.shape[2]} samples of a line"
+        raise ValueError(msg)
+    _line_medians(g.ravel(), np.ascontiguousarray(valid, dtype=np.bool_).ravel(),
+                  np.ascontiguousarray(bright, dtype=np.bool_).ravel(), flat, inside, cols, int(k),
+                  g.dtype.type(tol), med, near, near_dim)
+    return med, near, near_dim

@@ -74,7 +74,6 @@ from skimage.transform import hough_line
 from preprocessing.carrier import (
     CarrierResult,
     block_reduce,
-    count_true,
     detect_carrier,
     exact_median,
     finite,
@@ -88,7 +87,7 @@ from preprocessing.carrier import (
     single_channel,
     work_copy,
 )
-from preprocessing.kernels import edge_flags, edge_runs
+from preprocessing.kernels import edge_flags, edge_runs, line_counts, line_medians
 from preprocessing.morphology import gaussian, label, max_filter, min_filter
 
 __all__ = [
@@ -294,39 +293,43 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
     cand[: max_d + 7] = True
     cand[w - max_d - 7:] = True
     sel = np.flatnonzero(cand)
-    if sel.size == w:  # (S, Wc, R)
-        flat, inside = flat_all, inside_all
-    else:
-        flat, inside = np.take(flat_all, sel, axis=1), np.take(inside_all, sel, axis=1)
     at_sel = np.full(w, -1, dtype=np.intp)  # column -> its place in sel (-1: never looked at)
     at_sel[sel] = np.arange(sel.size)
-    g_flat = g.ravel()
-    ok = inside & np.take(valid.ravel(), flat) if not valid.all() else inside
-    n_valid = count_true(ok, 2)  # (S, Wc)
+    g_flat, valid_flat, bright_flat = g.ravel(), valid.ravel(), bright.ravel()
+    n_valid, n_lit = line_counts(valid, bright, flat_all, inside_all, sel)  # (S, Wc) valid, at unexposed white
     n_ok = np.maximum(n_valid, 1)
     k = n_rows // 2
     n_s = len(_SHEARS)
     tilt_cost = 0.01 * np.abs(np.asarray(_SHEARS))  # ties: the least tilt
     spans, brights = np.zeros((n_s, w)), np.zeros((n_s, w))
-    reaches = np.zeros((n_s, w), dtype=bool)
     spans[:, sel] = n_valid / float(n_rows)
-    end = max(2, n_rows // 16)  # a band runs from frame to frame: no background at either end
-    reaches[:, sel] = ((np.take(g_flat, flat[:, :, :end]).mean(axis=2) > ceiling)
-                       & (np.take(g_flat, flat[:, :, -end:]).mean(axis=2) > ceiling))
-    lit = ok & np.take(bright.ravel(), flat)  # the valid samples at unexposed white
-    n_lit = count_true(lit, 2)
     ratio = n_lit / n_ok
+
+    def samples(ks: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ok, lit, v)``, ``(n, R)`` each, of the lines ``(ks, xs)``: valid samples, those at unexposed
+        white, the values."""
+        f = flat_all[ks, xs]
+        o = inside_all[ks, xs] & np.take(valid_flat, f)
+        return o, o & np.take(bright_flat, f), np.take(g_flat, f)
+
     # the bright samples agree (a cast or a bone varies along its length); only a line bright on
     # >= min_bright of it can be a core, so only those are checked (the others' value never matters)
     maybe = np.nonzero(ratio >= min_bright)
     if maybe[0].size:
-        lit_m, v_m, n_m = lit[maybe], np.take(g_flat, flat[maybe]), n_lit[maybe]
+        _, lit_m, v_m = samples(maybe[0], sel[maybe[1]])
+        n_m = n_lit[maybe]
         lit_mean = np.where(lit_m, v_m, 0.0).sum(axis=1) / np.maximum(n_m, 1)
         agree = (lit_m & (np.abs(v_m - lit_mean[:, None]) <= _CORE_TOL)).sum(axis=1) >= _CORE_AGREE * n_m
         brights[maybe[0], sel[maybe[1]]] = np.where(agree, ratio[maybe], 0.0)
     at = np.arange(w)
     core_k = np.argmax(brights, axis=0)
-    core = (brights[core_k, at] >= min_bright) & (spans[core_k, at] >= min_span) & reaches[core_k, at]
+    core = (brights[core_k, at] >= min_bright) & (spans[core_k, at] >= min_span)
+    if core.any():  # a band runs from frame to frame: no background at either end
+        xs = np.flatnonzero(core)
+        end = max(2, n_rows // 16)
+        f = flat_all[core_k[xs], xs]
+        core[xs] = (np.take(g_flat, f[:, :end]).mean(axis=1) > ceiling) & (np.take(g_flat, f[:, -end:]).mean(axis=1)
+                                                                             > ceiling)
     any_core = bool(core.any())
 
     # A line's median and uniformity (the costly part: a partial sort per line) only for the lines a
@@ -339,16 +342,14 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
     def compute(xs: np.ndarray) -> None:
         """Medians and uniformity of the tilted lines through columns ``xs`` (in ``sel``)."""
         j = at_sel[xs]
-        o, v = ok[:, j], np.take(g_flat, flat[:, j])
-        med = np.partition(np.where(o, v, -1.0), k, axis=2)[:, :, k]  # invalid samples sort first (few)
-        near = o & (np.abs(v - med[:, :, None]) <= tol)  # samples within tol of the line's median
-        u = count_true(near, 2) / n_ok[:, j]
+        # invalid samples count as -1 (they sort first; few); near: valid samples within tol of the median
+        med, n_near, n_near_dim = line_medians(g, valid, bright, flat_all, inside_all, xs, k, tol)
+        u = n_near / n_ok[:, j]
         meds[:, xs], uni[:, xs] = med, u
         # a divider's core widening along its length, a shutter band at its end: the strips next to a
         # wedge-shaped core are uniform apart from the unexposed white crossing them, on <= half of the line
         n_dim = n_ok[:, j] - n_lit[:, j]
-        uni_dim[:, xs] = np.maximum(u, np.where(n_dim >= 0.5 * n_ok[:, j],
-                                                count_true(near & ~lit[:, j], 2) / np.maximum(n_dim, 1), 0.0))
+        uni_dim[:, xs] = np.maximum(u, np.where(n_dim >= 0.5 * n_ok[:, j], n_near_dim / np.maximum(n_dim, 1), 0.0))
         done[xs] = True
 
     def ensure(xs: np.ndarray) -> None:
@@ -370,8 +371,7 @@ def _band_lines(g: np.ndarray, valid: np.ndarray, bright_level: float, ceiling: 
         """The darker of the two ends of lines ``(ks, xs)`` (mean of their first and last 3 valid samples,
         not the carrier's exterior beyond them): a band crossing the field stays above background there,
         a limb ending inside the field (a bone with its soft tissue) comes down to it."""
-        j = at_sel[xs]
-        o, vv = ok[ks, j], np.take(g_flat, flat[ks, j])
+        o, _, vv = samples(ks, xs)
         seen = np.cumsum(o, axis=1)
         head, tail = o & (seen <= 3), o & (seen > seen[:, -1:] - 3)
         return np.minimum(np.where(head, vv, 0.0).sum(axis=1) / np.maximum(head.sum(axis=1), 1),

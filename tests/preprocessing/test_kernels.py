@@ -247,3 +247,38 @@ def test_edge_runs_equal_the_numpy_run_extraction():
     assert (int(first[0, 0, 0]), int(last[0, 0, 0]), int(length[0, 0, 0])) == (5, 29, 25)
     with pytest.raises(ValueError, match="edge_runs: edges"):
         edge_runs(kinds, ok[:, :-1], inside, sheared, m, 16, 5, 4, 0.7, None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_line_counts_and_medians_equal_the_numpy_expressions(dtype):
+    """Tilted lines of an image (segmentation's band search): the valid and bright sample counts, the
+    median with invalid samples as -1, and the samples within ``tol`` of it (all, and not bright) equal the
+    numpy expressions, with a partly invalid region, on lines crossing the frame."""
+    from preprocessing.kernels import line_counts, line_medians
+    from preprocessing.segmentation import _line_flat
+
+    rng = np.random.default_rng(13)
+    h, w = 120, 90
+    g = (0.5 + 0.2 * np.sin(np.arange(w) / 7.0)[None, :] + 0.03 * rng.standard_normal((h, w))).astype(dtype)
+    g[:, 40:44] = 0.95  # a bright band
+    valid = np.ones((h, w), dtype=bool)
+    valid[:20, 60:] = False  # outside the carrier
+    bright = g >= dtype(0.6)
+    _, flat, inside = _line_flat(h, w)  # (S, W, R)
+    cols = np.array([0, 3, 41, 42, 70, 89])
+    ok = inside[:, cols] & np.take(valid.ravel(), flat[:, cols])
+    v = np.take(g.ravel(), flat[:, cols])
+    n_valid, n_lit = line_counts(valid, bright, flat, inside, cols)
+    np.testing.assert_array_equal(n_valid, ok.sum(axis=2))
+    np.testing.assert_array_equal(n_lit, (ok & np.take(bright.ravel(), flat[:, cols])).sum(axis=2))
+    k, tol = flat.shape[2] // 2, 0.04
+    med, near, near_dim = line_medians(g, valid, bright, flat, inside, cols, k, tol)
+    want = np.partition(np.where(ok, v, -1.0), k, axis=2)[:, :, k]
+    assert med.dtype == dtype and want.dtype == dtype
+    np.testing.assert_array_equal(med, want)
+    close = ok & (np.abs(v - want[:, :, None]) <= tol)
+    np.testing.assert_array_equal(near, close.sum(axis=2))
+    np.testing.assert_array_equal(near_dim, (close & ~np.take(bright.ravel(), flat[:, cols])).sum(axis=2))
+    assert (near[:, 2:4] > 0).all() and (n_lit[:, 2:4] > 0).all()  # the band's lines: bright, uniform
+    with pytest.raises(ValueError, match="line_medians: k="):
+        line_medians(g, valid, bright, flat, inside, cols, flat.shape[2], tol)
