@@ -68,7 +68,7 @@ from skimage import feature as _skfeature
 from skimage.filters import threshold_yen
 from skimage.transform import hough_line
 
-from preprocessing.kernels import bilinear, nearest_rise
+from preprocessing.kernels import nearest_rise, profiles
 from preprocessing.morphology import gaussian, label, max_filter, min_filter
 
 __all__ = [
@@ -716,10 +716,7 @@ class _Detector:
         normals = np.array([n for n, _ in lines], dtype=np.float64).reshape(len(lines), 2)
         counts, pts, dirs = _line_samples(normals, np.array([c for _, c in lines], dtype=np.float64),
                                           self.h, self.w)
-        nrm = np.repeat(normals, counts, axis=0)  # (P, 2): the normal of each point's line
-        x = pts[:, 0:1] + self.offsets[None, :] * nrm[:, 0:1]
-        y = pts[:, 1:2] + self.offsets[None, :] * nrm[:, 1:2]
-        values = bilinear(self.g, y.ravel(), x.ravel()).reshape(pts.shape[0], self.offsets.size)
+        values = profiles(self.g, pts, normals, counts, self.offsets)  # (P, K) across each point's line
         start = 0
         for (n, c), count, d in zip(lines, counts, dirs, strict=True):
             res = None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["bilinear", "edge_flags", "edge_runs", "line_counts", "line_medians", "nearest_rise"]
+__all__ = ["edge_flags", "edge_runs", "line_counts", "line_medians", "nearest_rise", "profiles"]
 
 
 @njit(cache=True, nogil=True)
@@ -59,51 +59,62 @@ def nearest_rise(z: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return out.reshape(z.shape[:-1])
 
 
-@njit(cache=True, nogil=True)
-def _bilinear(flat: np.ndarray, h: int, w: int, y: np.ndarray, x: np.ndarray,
-              out: np.ndarray) -> None:  # pragma: no cover - compiled
+@njit(cache=True, nogil=True, inline="always")
+def _bilinear_at(flat: np.ndarray, h: int, w: int, y: float, x: float) -> float:  # pragma: no cover - compiled
     dy = w if h > 1 else 0
     dx = 1 if w > 1 else 0
-    ymax, xmax = h - 1.0, w - 1.0
-    ylim, xlim = max(h - 2, 0), max(w - 2, 0)
-    for j in range(y.shape[0]):
-        yy = min(max(y[j], 0.0), ymax)  # np.clip
-        xx = min(max(x[j], 0.0), xmax)
-        y0 = min(int(yy), ylim)  # yy >= 0: truncation is floor
-        x0 = min(int(xx), xlim)
-        fy = yy - y0
-        fx = xx - x0
-        i = y0 * w + x0
-        gx = 1.0 - fx
-        top = flat[i] * gx  # the image's dtype times float64 weights: float64
-        top = top + flat[i + dx] * fx
-        bottom = flat[i + dy] * gx
-        bottom = bottom + flat[i + dy + dx] * fx
-        top = top * (1.0 - fy)
-        bottom = bottom * fy
-        out[j] = top + bottom
+    yy = min(max(y, 0.0), h - 1.0)  # np.clip
+    xx = min(max(x, 0.0), w - 1.0)
+    y0 = min(int(yy), max(h - 2, 0))  # yy >= 0: truncation is floor
+    x0 = min(int(xx), max(w - 2, 0))
+    fy = yy - y0
+    fx = xx - x0
+    i = y0 * w + x0
+    gx = 1.0 - fx
+    top = flat[i] * gx  # the image's dtype times float64 weights: float64
+    top = top + flat[i + dx] * fx
+    bottom = flat[i + dy] * gx
+    bottom = bottom + flat[i + dy + dx] * fx
+    top = top * (1.0 - fy)
+    bottom = bottom * fy
+    return top + bottom
 
 
-def bilinear(img: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Bilinear samples of ``img (h, w)`` at ``(y, x)`` (1-D, float64), edges replicated beyond the image:
-    the values of ``scipy.ndimage.map_coordinates(img, [y, x], order=1, mode="nearest")`` (to float
-    rounding). Returns ``img``'s dtype.
+@njit(cache=True, nogil=True)
+def _profiles(flat: np.ndarray, h: int, w: int, pts: np.ndarray, normals: np.ndarray, counts: np.ndarray,
+              offsets: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    p = 0
+    for line in range(counts.shape[0]):
+        nx, ny = normals[line, 0], normals[line, 1]
+        for _ in range(counts[line]):
+            for j in range(offsets.shape[0]):
+                out[p, j] = _bilinear_at(flat, h, w, pts[p, 1] + offsets[j] * ny, pts[p, 0] + offsets[j] * nx)
+            p += 1
 
-    The numpy expression: ``y, x`` clipped to the image, ``y0, x0`` their integer parts (at most
-    ``h - 2``, ``w - 2``), ``fy, fx`` the fractions, and ``(a (1 - fx) + b fx) (1 - fy) + (c (1 - fx) + d fx)
-    fy`` in float64 with ``a .. d`` the four neighbours, cast to ``img``'s dtype.
+
+def profiles(img: np.ndarray, pts: np.ndarray, normals: np.ndarray, counts: np.ndarray,
+             offsets: np.ndarray) -> np.ndarray:
+    """Bilinear profiles across lines: ``(P, K)`` samples of ``img (h, w)`` (its dtype) at ``pts[p] + offsets[k]
+    * n`` with ``n`` the unit normal of the point's line (``normals (L, 2)`` as ``(x, y)``; line ``l`` owns the
+    next ``counts[l]`` of the ``pts (P, 2)``, float64), edges replicated beyond the image: the values of
+    ``scipy.ndimage.map_coordinates(img, [y, x], order=1, mode="nearest")`` (to float rounding).
+
+    The numpy expression: ``x = pts[:, 0:1] + offsets * n_x``, ``y = pts[:, 1:2] + offsets * n_y``, clipped
+    to the image, ``y0, x0`` their integer parts (at most ``h - 2``, ``w - 2``), ``fy, fx`` the fractions,
+    and ``(a (1 - fx) + b fx) (1 - fy) + (c (1 - fx) + d fx) fy`` in float64 with ``a .. d`` the four
+    neighbours, cast to ``img``'s dtype.
     """
     img = np.ascontiguousarray(img)
-    if img.ndim != 2 or img.size == 0:
-        msg = f"bilinear: need a non-empty 2-D image, got shape {img.shape}"
+    pts = np.ascontiguousarray(pts, dtype=np.float64).reshape(-1, 2)
+    normals = np.ascontiguousarray(normals, dtype=np.float64).reshape(-1, 2)
+    counts = np.ascontiguousarray(counts, dtype=np.intp).ravel()
+    offsets = np.ascontiguousarray(offsets, dtype=np.float64).ravel()
+    if img.ndim != 2 or img.size == 0 or counts.shape[0] != normals.shape[0] or int(counts.sum()) != pts.shape[0]:
+        msg = (f"profiles: image {img.shape}, {pts.shape[0]} points for {normals.shape[0]} lines of "
+               f"{int(counts.sum())} points")
         raise ValueError(msg)
-    y = np.ascontiguousarray(y, dtype=np.float64).ravel()
-    x = np.ascontiguousarray(x, dtype=np.float64).ravel()
-    if y.shape != x.shape:
-        msg = f"bilinear: {y.size} rows and {x.size} columns to sample"
-        raise ValueError(msg)
-    out = np.empty(y.shape[0], dtype=np.float64)
-    _bilinear(img.ravel(), img.shape[0], img.shape[1], y, x, out)
+    out = np.empty((pts.shape[0], offsets.shape[0]), dtype=np.float64)
+    _profiles(img.ravel(), img.shape[0], img.shape[1], pts, normals, counts, offsets, out)
     return out.astype(img.dtype, copy=False)
 
 

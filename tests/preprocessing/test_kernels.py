@@ -4,7 +4,7 @@ reference), on float32 and float64 inputs with NaNs, exact zeros, ties and point
 import numpy as np
 import pytest
 
-from preprocessing.kernels import bilinear, nearest_rise
+from preprocessing.kernels import nearest_rise, profiles
 
 
 def _bilinear_numpy(img, y, x):
@@ -39,6 +39,12 @@ def _nearest_rise_numpy(z, offsets):
     return np.take_along_axis(cross, np.argmin(np.abs(cross), axis=-1)[..., None], axis=-1)[..., 0]
 
 
+def bilinear(img, y, x):
+    """Samples at ``(y, x)``: one profile of offset 0 per point (the normal does not matter)."""
+    pts = np.stack([np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)], axis=1)
+    return profiles(img, pts, np.array([[0.6, 0.8]]), np.array([pts.shape[0]]), np.zeros(1))[:, 0]
+
+
 @pytest.mark.parametrize("shape", [(37, 29), (1, 9), (8, 1)])
 def test_bilinear_sampling_equals_scipy_map_coordinates_with_replicated_edges(shape):
     """The carrier's profile sampler gives scipy's order-1 ``mode="nearest"`` values, inside the image,
@@ -61,22 +67,30 @@ def test_bilinear_sampling_equals_scipy_map_coordinates_with_replicated_edges(sh
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_bilinear_equals_the_numpy_expression_bit_for_bit(dtype):
+def test_profiles_equal_the_numpy_expression_bit_for_bit(dtype):
+    """Profiles of 13 offsets across three lines (their points partly beyond the image) equal the numpy
+    expression: the offset points, then the four-neighbour interpolation."""
     rng = np.random.default_rng(11)
     for shape in ((240, 190), (3, 2), (1, 5), (6, 1)):
         img = rng.random(shape).astype(dtype)
-        y = np.concatenate([rng.uniform(-5, shape[0] + 5, 20000), np.arange(shape[0]) + 0.5])
-        x = np.concatenate([rng.uniform(-5, shape[1] + 5, 20000), np.full(shape[0], shape[1] - 1.0)])
-        got = bilinear(img, y, x)
-        assert got.dtype == dtype
-        np.testing.assert_array_equal(got, _bilinear_numpy(img, y, x))
+        normals = np.array([[1.0, 0.0], [0.6, -0.8], [-0.28, 0.96]])
+        counts = np.array([40, 0, 700])
+        pts = np.stack([rng.uniform(-5, shape[1] + 5, 740), rng.uniform(-5, shape[0] + 5, 740)], axis=1)
+        offsets = np.arange(-6.0, 7.0)
+        got = profiles(img, pts, normals, counts, offsets)
+        nrm = np.repeat(normals, counts, axis=0)
+        x = pts[:, 0:1] + offsets[None, :] * nrm[:, 0:1]
+        y = pts[:, 1:2] + offsets[None, :] * nrm[:, 1:2]
+        assert got.dtype == dtype and got.shape == (740, 13)
+        np.testing.assert_array_equal(got, _bilinear_numpy(img, y.ravel(), x.ravel()).reshape(740, 13))
 
 
-def test_bilinear_refuses_bad_input_by_name():
-    with pytest.raises(ValueError, match="bilinear: need a non-empty 2-D image"):
-        bilinear(np.zeros((0, 4), np.float32), np.zeros(1), np.zeros(1))
-    with pytest.raises(ValueError, match="bilinear: 3 rows and 2 columns"):
-        bilinear(np.zeros((4, 4), np.float32), np.zeros(3), np.zeros(2))
+def test_profiles_refuse_bad_input_by_name():
+    one = np.ones(1, dtype=np.intp)
+    with pytest.raises(ValueError, match="profiles: image"):
+        profiles(np.zeros((0, 4), np.float32), np.zeros((1, 2)), np.ones((1, 2)), one, np.zeros(3))
+    with pytest.raises(ValueError, match="3 points for 1 lines of 1 points"):
+        profiles(np.zeros((4, 4), np.float32), np.zeros((3, 2)), np.ones((1, 2)), one, np.zeros(3))
 
 
 def test_nearest_rise_by_hand():
