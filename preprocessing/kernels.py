@@ -300,6 +300,34 @@ def line_counts(valid: np.ndarray, bright: np.ndarray, flat: np.ndarray, inside:
 
 
 @njit(cache=True, nogil=True)
+def _kth_smallest(buf: np.ndarray, k: int) -> float:  # pragma: no cover - compiled
+    """The ``k``-th smallest value of ``buf`` (reordered in place): quickselect, median-of-three pivots and
+    Hoare partitioning (runs of equal values split evenly). The value ``np.partition(buf, k)[k]``; a
+    hand-written selection because numba's own ``np.partition`` takes seconds to compile."""
+    lo, hi = 0, buf.shape[0] - 1
+    while lo < hi:
+        a, b, c = buf[lo], buf[(lo + hi) // 2], buf[hi]
+        pivot = max(min(a, b), min(max(a, b), c))
+        i, j = lo, hi
+        while i <= j:
+            while buf[i] < pivot:
+                i += 1
+            while buf[j] > pivot:
+                j -= 1
+            if i <= j:
+                buf[i], buf[j] = buf[j], buf[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break  # buf[j + 1 .. i - 1] all equal the pivot
+    return buf[k]
+
+
+@njit(cache=True, nogil=True)
 def _line_medians(g: np.ndarray, valid: np.ndarray, bright: np.ndarray, flat: np.ndarray, inside: np.ndarray,
                   cols: np.ndarray, k: int, tol: float, med: np.ndarray, near: np.ndarray,
                   near_dim: np.ndarray) -> None:  # pragma: no cover - compiled
@@ -310,7 +338,7 @@ def _line_medians(g: np.ndarray, valid: np.ndarray, bright: np.ndarray, flat: np
             f, ins = flat[s, cols[j]], inside[s, cols[j]]
             for r in range(n_r):
                 buf[r] = g[f[r]] if ins[r] and valid[f[r]] else -1.0
-            m = np.partition(buf, k)[k]
+            m = _kth_smallest(buf, k)
             a = 0
             b = 0
             for r in range(n_r):

@@ -296,3 +296,19 @@ def test_line_counts_and_medians_equal_the_numpy_expressions(dtype):
     assert (near[:, 2:4] > 0).all() and (n_lit[:, 2:4] > 0).all()  # the band's lines: bright, uniform
     with pytest.raises(ValueError, match="line_medians: k="):
         line_medians(g, valid, bright, flat, inside, cols, flat.shape[2], tol)
+
+
+def test_kth_smallest_is_the_partition_value():
+    """The medians' selection: every k of arrays with many equal values (invalid samples are all -1), all
+    equal, sorted, reversed, of one or two values, float32 and float64: ``np.partition(a, k)[k]``."""
+    from preprocessing.kernels import _kth_smallest
+
+    rng = np.random.default_rng(21)
+    cases = [rng.random(129), np.round(rng.random(128) * 4) / 4, np.full(50, -1.0), np.arange(64.0),
+             np.arange(64.0)[::-1].copy(), np.array([0.5]), np.array([0.7, 0.2]),
+             np.where(rng.random(200) < 0.4, -1.0, rng.random(200))]
+    for a in cases:
+        for dtype in (np.float32, np.float64):
+            v = a.astype(dtype)
+            for k in range(v.size):
+                assert _kth_smallest(v.copy(), k) == np.partition(v, k)[k], (v.size, k)
