@@ -120,13 +120,14 @@ def profiles(img: np.ndarray, pts: np.ndarray, normals: np.ndarray, counts: np.n
 
 @njit(cache=True, nogil=True)
 def _edge_flags(sheared: np.ndarray, ok: np.ndarray, m: int, d: int, flank: int, min_step: float, flat_tol: float,
-                ceiling: float, need: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
+                factor: float, ceiling: float, need: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
     # (every offset is a slice of the row, indexed from 0: numba then needs no negative-index check per
-    # access and the loops vectorise)
+    # access and the loops vectorise; the float arguments come in the lines' dtype, as numpy casts a
+    # Python float meeting an array)
     n_s, n_r, w = ok.shape
     span = flank - d  # offsets d + 1 .. flank on either side
     count = np.zeros((n_s, w), dtype=np.int64)
-    least = np.empty(sheared.shape[2] - span + 1)
+    least = np.empty(sheared.shape[2] - span + 1, dtype=sheared.dtype)
     for s in range(n_s):
         cnt = count[s]
         for r in range(n_r):
@@ -136,7 +137,7 @@ def _edge_flags(sheared: np.ndarray, ok: np.ndarray, m: int, d: int, flank: int,
             b1, b3 = row[m - d - 1: m - d - 1 + w], row[m - d - 3: m - d - 3 + w]
             for x in range(w):
                 diff = ad[x] - bd[x]
-                t = 0.2 * abs(diff)
+                t = factor * abs(diff)
                 tol = flat_tol if flat_tol > t else t  # np.maximum
                 flat = okr[x] & (abs(a1[x] - a3[x]) <= tol) & (abs(b1[x] - b3[x]) <= tol)
                 rising[x] = flat & (diff >= min_step)
@@ -173,7 +174,8 @@ def _edge_flags(sheared: np.ndarray, ok: np.ndarray, m: int, d: int, flank: int,
 def edge_flags(sheared: np.ndarray, ok: np.ndarray, m: int, d: int, flank: int, min_step: float, flat_tol: float,
                ceiling: float | None, need: int) -> np.ndarray:
     """The edge samples of :func:`~preprocessing.segmentation._edge_runs`: ``(3, S, R, W)`` bool (rising step,
-    falling step, ridge) of the sheared lines ``sheared (S, R, W + 2 m)`` (float64) at the samples ``ok``.
+    falling step, ridge) of the sheared lines ``sheared (S, R, W + 2 m)`` at the samples ``ok``, computed in
+    ``sheared``'s dtype (float32 or float64; the thresholds cast to it, as numpy does with a Python float).
 
     With ``at(o) = sheared[:, :, m + o : m + o + W]``, the numpy expressions: ``diff = at(d) - at(-d)``,
     ``tol = np.maximum(flat_tol, 0.2 * abs(diff))``, flat where ``|at(d + 1) - at(d + 3)| <= tol`` and
@@ -182,15 +184,17 @@ def edge_flags(sheared: np.ndarray, ok: np.ndarray, m: int, d: int, flank: int, 
     min_step`` on a line with ``>= need`` ridge samples, whose least sample at offsets ``d + 1 .. flank``
     on either side is ``<= ceiling`` (no ridges when ``ceiling`` is None). ``m >= flank >= d + 3``.
     """
-    sheared = np.ascontiguousarray(sheared, dtype=np.float64)
+    sheared = np.ascontiguousarray(sheared)
     ok = np.ascontiguousarray(ok, dtype=np.bool_)
     n_s, n_r, w = ok.shape
-    if sheared.shape != (n_s, n_r, w + 2 * m) or not m >= flank >= d + 3:
-        msg = f"edge_flags: lines {sheared.shape} for samples {ok.shape} with m={m}, flank={flank}, d={d}"
+    if sheared.dtype not in (np.float32, np.float64) or sheared.shape != (n_s, n_r, w + 2 * m) \
+            or not m >= flank >= d + 3:
+        msg = f"edge_flags: lines {sheared.dtype} {sheared.shape} for samples {ok.shape} with m={m}, flank={flank}, d={d}"
         raise ValueError(msg)
     out = np.zeros((3, n_s, n_r, w), dtype=np.bool_)
-    _edge_flags(sheared, ok, int(m), int(d), int(flank), float(min_step), float(flat_tol),
-                np.nan if ceiling is None else float(ceiling), int(need), out)
+    real = sheared.dtype.type
+    _edge_flags(sheared, ok, int(m), int(d), int(flank), real(min_step), real(flat_tol), real(0.2),
+                real(np.nan if ceiling is None else ceiling), int(need), out)
     return out
 
 
@@ -252,19 +256,22 @@ def edge_runs(kinds: np.ndarray, ok: np.ndarray, inside: np.ndarray, sheared: np
     run's length when ``>= min_cover`` of it shows the edge, else 0; ``head`` (``tail``): fewer than ``reach``
     of the ``reach`` samples before ``first`` (after ``last``) are ``ok``, or the run ends within ``reach`` of
     the line's end; for kind 2 (ridges) with a ``ceiling`` also: no ``inside`` sample of ``centre = sheared[...,
-    m : m + W]`` at or below it before ``first`` (after ``last``). Counting only: integers, exact.
+    m : m + W]`` at or below it (in ``sheared``'s float dtype) before ``first`` (after ``last``). Counting only:
+    integers, exact.
     """
     kinds = np.ascontiguousarray(kinds, dtype=np.bool_)
     n_k, n_s, n_r, w = kinds.shape
     if ok.shape != (n_s, n_r, w) or inside.shape != (n_s, n_r, w) or sheared.shape[:2] != (n_s, n_r) \
-            or sheared.shape[2] < m + w:
+            or sheared.shape[2] < m + w or sheared.dtype not in (np.float32, np.float64):
         msg = f"edge_runs: edges {kinds.shape}, samples {ok.shape} / {inside.shape}, lines {sheared.shape}"
         raise ValueError(msg)
     first, last, length = (np.zeros((n_k, n_s, w), dtype=np.intp) for _ in range(3))
     head, tail = np.zeros((n_k, n_s, w), dtype=np.bool_), np.zeros((n_k, n_s, w), dtype=np.bool_)
+    sheared = np.ascontiguousarray(sheared)
+    real = sheared.dtype.type  # (the ceiling compared in the lines' dtype, as numpy does with a Python float)
     _edge_runs(kinds, np.ascontiguousarray(ok, dtype=np.bool_), np.ascontiguousarray(inside, dtype=np.bool_),
-               np.ascontiguousarray(sheared, dtype=np.float64), int(m), int(need), int(gap), int(reach),
-               float(min_cover), np.nan if ceiling is None else float(ceiling), first, last, length, head, tail)
+               sheared, int(m), int(need), int(gap), int(reach), float(min_cover),
+               real(np.nan if ceiling is None else ceiling), first, last, length, head, tail)
     return first, last, length, head, tail
 
 

@@ -159,7 +159,8 @@ def _edge_flags_numpy(sheared, ok, m, d, flank, min_step, flat_tol, ceiling, nee
     return np.stack(kinds + [ridge])
 
 
-def test_edge_flags_equal_the_numpy_expressions_bit_for_bit():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_edge_flags_equal_the_numpy_expressions_bit_for_bit(dtype):
     """Sheared lines of a smooth image with steps, thin bright ridges and noise: rising and falling steps
     and ridges (with and without a background ceiling, and with a ridge-run length no line reaches)
     equal the numpy expressions; a ridge is dropped when its flank never comes down to the ceiling."""
@@ -173,6 +174,9 @@ def test_edge_flags_equal_the_numpy_expressions_bit_for_bit():
     base = 0.2 + 0.3 * (cols >= 40) - 0.25 * (cols >= 70) + 0.5 * np.isin(cols, (20, 21, 37, 55, 66))
     sheared = base[None, None, :] + 0.015 * rng.standard_normal((n_s, n_r, w + 2 * m))
     sheared[3] += 0.3  # one tilt: the ridge's flanks stay above a ceiling of 0.3
+    sheared = sheared.astype(dtype)  # (the working copies are float32: numpy computes in it, casting 0.2 etc.)
+    sheared[5, :, 20:30], sheared[5, :, 30:40] = 0.0, np.float32(0.06)  # a step of float32(0.06) < 0.06: a
+    # rising step in float32 (the threshold cast to it), none in float64
     ok = rng.random((n_s, n_r, w)) < 0.9
     flags = None
     for ceiling, need in ((0.3, 20), (None, 20), (0.3, n_r + 1), (0.6, 5)):
@@ -181,6 +185,7 @@ def test_edge_flags_equal_the_numpy_expressions_bit_for_bit():
         if (ceiling, need) == (0.3, 20):
             flags = got
     assert flags[0].any() and flags[1].any() and flags[2].any()  # every kind occurs
+    assert flags[0, 5, :, 30 - m - 2: 32 - m].any() == (dtype == np.float32)
     assert not flags[2, 3].any()  # the tilt whose flanks stay above the ceiling holds no ridge
     ridge_cols = set(np.flatnonzero(flags[2].any(axis=(0, 1))) + m)
     assert {20, 21} <= ridge_cols and not {37, 55, 66} & ridge_cols
@@ -233,7 +238,8 @@ def _edge_runs_numpy(kinds, ok, inside, centre, need, gap, reach, min_cover, cei
     return tuple(np.stack(res[k]) for k in ("first", "last", "length", "head", "tail"))
 
 
-def test_edge_runs_equal_the_numpy_run_extraction():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_edge_runs_equal_the_numpy_run_extraction(dtype):
     """Random edge samples of three kinds (dense lines with gaps, sparse lines, empty ones), the samples'
     validity and a ridge ceiling: first, last, length, head and tail equal the numpy extraction (counting
     only: exact) with and without the ceiling, and a bridged gap makes one run of two pieces."""
@@ -246,7 +252,8 @@ def test_edge_runs_equal_the_numpy_run_extraction():
     kinds[:, :, 30:33, :5] = False  # gaps a limb leaves
     ok = rng.random((n_s, n_r, w)) < 0.9
     inside = rng.random((n_s, n_r, w)) < 0.95
-    sheared = rng.random((n_s, n_r, w + 2 * m))
+    sheared = rng.random((n_s, n_r, w + 2 * m)).astype(dtype)
+    sheared[:, :10, m: m + w] = dtype(0.2)  # at the ceiling exactly (compared in the lines' dtype)
     centre = sheared[:, :, m: m + w]
     for ceiling in (0.2, None):
         got = edge_runs(kinds, ok, inside, sheared, m, 16, 5, 4, 0.7, ceiling)
