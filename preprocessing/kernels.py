@@ -1,9 +1,11 @@
 """Compiled inner loops of carrier detection and segmentation (numba).
 
-Each kernel computes *the same floating-point operations, in the same order,* as the numpy expression it
-replaces (quoted in its docstring), one element at a time instead of one array operation at a time: no
-reassociation, no fused multiply-add (numba compiles without ``fastmath``), so the results are equal bit
-for bit, which ``tests/preprocessing/test_kernels.py`` checks against those numpy expressions. What they
+Each kernel computes *the same floating-point operations, in the same dtype and order,* as the numpy
+expression it replaces (quoted in its docstring), one element at a time instead of one array operation at
+a time: no reassociation, no fused multiply-add (numba compiles without ``fastmath``), thresholds cast to
+the data's dtype as numpy casts a Python float meeting a float32 array; selections and counts have one
+answer whatever the order. So the results are equal bit for bit, which
+``tests/preprocessing/test_kernels.py`` checks against those numpy expressions, on float32 and float64. What they
 save is numpy's per-operation cost on the many small, short-axis arrays of the working copies (a
 profile of 13 samples, a line of 128): measured on the 36 full-resolution FracAtlas JPEGs, see
 ``python -m benchmarks preprocess``.
