@@ -82,7 +82,7 @@ def _decode_floor(path: Path, fastest: bool = False) -> np.ndarray:
 
 
 def _ratio(files: list[tuple[str, Path]], repeats: int, size: int, out: Path, options: dict) -> pd.DataFrame:
-    from preprocessing.atomic import write_png
+    from preprocessing.atomic import MASK_ROW_FILTER, write_png
     from preprocessing.pipelines import get_pipeline
     from preprocessing.readers import sniff_format
     from salad_med.data.preprocess_job import to_png_array
@@ -102,7 +102,7 @@ def _ratio(files: list[tuple[str, Path]], repeats: int, size: int, out: Path, op
             t1 = time.process_time()
             res = pipe({"image": str(path)})
             write_png(to_png_array(res["image"], 8), out / "image.png")
-            write_png(to_png_array(res["mask"], 8), out / "mask.png", row_filter="none")  # as preprocess does
+            write_png(to_png_array(res["mask"], 8), out / "mask.png", row_filter=MASK_ROW_FILTER)  # as preprocess
             t2 = time.process_time()
             times.setdefault((path, "floor"), []).append(t1 - t0)
             times.setdefault((path, "pre"), []).append(t2 - t1)

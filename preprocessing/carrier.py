@@ -579,8 +579,7 @@ def _edge_positions_batch(prof: np.ndarray, inner: np.ndarray, outer: np.ndarray
     towards the exterior. Rows without a crossing (and NaN padding rows) get 99."""
     level = 0.5 * (inner + outer)
     z = sign[:, None, None] * (prof - level[:, :, None])
-    with np.errstate(invalid="ignore"):
-        pos = nearest_rise(z, offsets)
+    pos = nearest_rise(z, offsets)
     rise = sign[:, None, None] * np.diff(prof, axis=2)
     step = _last_max(np.where(np.isnan(rise), -np.inf, rise))
     return np.where(np.isfinite(pos), pos, 99.0), step

@@ -48,7 +48,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from preprocessing.atomic import atomic_path, atomic_write_bytes, encode_png, remove_stale_temps
+from preprocessing.atomic import (
+    MASK_ROW_FILTER,
+    atomic_path,
+    atomic_write_bytes,
+    encode_png,
+    remove_stale_temps,
+)
 from preprocessing.errors import ReadError
 from preprocessing.pipelines import root_cause
 from salad_med.config import Config, config_to_dict, save_config
@@ -244,7 +250,7 @@ _WORKER: dict[str, Any] = {}
 
 def _write_output(array: np.ndarray, path: str, row_filter: str = "adaptive") -> tuple[int, str]:
     """Write a PNG atomically; return its byte size and SHA-256 (what the journal records);
-    ``row_filter``: see :func:`~preprocessing.atomic.encode_png` (``"none"`` for masks)."""
+    ``row_filter``: see :func:`~preprocessing.atomic.encode_png` (masks: ``MASK_ROW_FILTER``)."""
     data = encode_png(array, name=path, row_filter=row_filter)
     atomic_write_bytes(path, data)
     return len(data), hashlib.sha256(data).hexdigest()
@@ -326,7 +332,7 @@ def _work(task: tuple[str, str, str, str]) -> dict[str, Any]:
         if not row["mask_fraction"] > 0:
             raise ReadError(source, "no body part found (blank image or segmentation found nothing)")
         img_size, img_sha = _write_output(to_png_array(image, _WORKER["bit_depth"]), out_img)
-        mask_size, mask_sha = _write_output(to_png_array(mask, 8), out_mask, row_filter="none")
+        mask_size, mask_sha = _write_output(to_png_array(mask, 8), out_mask, row_filter=MASK_ROW_FILTER)
         row.update(output_path=out_img, mask_path=out_mask, status="ok", reason="")
         row["_files"] = {"output_size": img_size, "output_sha256": img_sha,
                          "mask_size": mask_size, "mask_sha256": mask_sha}
